@@ -32,6 +32,8 @@
 #include <limits>
 #include <vector>
 
+#include "soft_histogram.h"
+
 namespace pydefend {
 namespace {
 
@@ -154,19 +156,6 @@ void forward_kernel(const scalar_t* zp, const at::opmath_type<scalar_t>* lowp, c
   });
 }
 
-void check_flat_args(const at::Tensor& z, const at::Tensor& low, const at::Tensor& num_bins, int64_t inner) {
-  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "soft_histogram: z must be floating point, got ", z.scalar_type());
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(low.scalar_type() == acc, "soft_histogram: low must be ", acc, " for ", z.scalar_type(), " z, got ",
-              low.scalar_type());
-  TORCH_CHECK(num_bins.scalar_type() == at::kLong && num_bins.numel() == low.numel(),
-              "soft_histogram: num_bins must be int64 with one entry per channel");
-  TORCH_CHECK(low.device() == z.device() && num_bins.device() == z.device(),
-              "soft_histogram: z, low and num_bins must be on one device");
-  TORCH_CHECK(low.numel() >= 1 && inner >= 1 && z.numel() % (inner * low.numel()) == 0, "soft_histogram: z has ",
-              z.numel(), " elements, not a multiple of inner * channels = ", inner * low.numel());
-}
-
 void check_bins(const at::Tensor& nb, int64_t max_bins) {
   const int64_t* p = nb.const_data_ptr<int64_t>();
   for (int64_t c = 0; c < nb.numel(); ++c)
@@ -177,11 +166,9 @@ void check_bins(const at::Tensor& nb, int64_t max_bins) {
 at::Tensor soft_histogram_fwd_cpu(const at::Tensor& z_in, const at::Tensor& low_in, const at::Tensor& nb_in,
                                   int64_t inner, int64_t max_bins, double width, double tau, int64_t window,
                                   double reach) {
-  check_flat_args(z_in, low_in, nb_in, inner);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const int64_t C = low.numel(), numel = z.numel(), per_channel = numel / C;
-  TORCH_CHECK(per_channel >= 1, "soft_histogram: z has no elements per channel");
-  TORCH_CHECK(window >= 1, "soft_histogram: window must be >= 1");
   check_bins(nb, max_bins);
   at::Tensor hist = at::zeros({C, max_bins}, low.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "soft_histogram_fwd_cpu", [&] {
@@ -226,13 +213,12 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_bwd_cpu(const at::Tensor& grad
                                                           const at::Tensor& low_in, const at::Tensor& nb_in,
                                                           int64_t inner, double width, double tau, int64_t window,
                                                           double reach) {
-  check_flat_args(z_in, low_in, nb_in, inner);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const int64_t C = low.numel(), numel = z.numel(), per_channel = numel / C, outer = per_channel / inner;
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == C && grad.scalar_type() == low.scalar_type(),
               "soft_histogram: the histogram gradient must be (C, max_bins) in ", low.scalar_type());
-  TORCH_CHECK(per_channel >= 1, "soft_histogram: z has no elements per channel");
   const int64_t max_bins = grad.size(1);
   check_bins(nb, max_bins);
   at::Tensor grad_z = at::empty_like(z);

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cuda/soft_histogram.cuh"
+#include "soft_histogram.h"
 
 namespace pydefend {
 namespace {
@@ -21,21 +22,6 @@ sh::DType launcher_dtype(at::ScalarType t) {
   }
 }
 
-void check_flat_args(const at::Tensor& z, const at::Tensor& low, const at::Tensor& num_bins, int64_t inner,
-                     int64_t window) {
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(low.scalar_type() == acc, "soft_histogram: low must be ", acc, " for ", z.scalar_type(), " z, got ",
-              low.scalar_type());
-  TORCH_CHECK(num_bins.scalar_type() == at::kLong && num_bins.numel() == low.numel(),
-              "soft_histogram: num_bins must be int64 with one entry per channel");
-  TORCH_CHECK(low.device() == z.device() && num_bins.device() == z.device(),
-              "soft_histogram: z, low and num_bins must be on one device");
-  TORCH_CHECK(low.numel() >= 1 && inner >= 1 && z.numel() % (inner * low.numel()) == 0, "soft_histogram: z has ",
-              z.numel(), " elements, not a multiple of inner * channels = ", inner * low.numel());
-  TORCH_CHECK(z.numel() >= low.numel(), "soft_histogram: z has no elements per channel");
-  TORCH_CHECK(window >= 1, "soft_histogram: window must be >= 1");
-}
-
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "soft_histogram: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -44,7 +30,7 @@ void check_launch(cudaError_t err) {
 at::Tensor soft_histogram_fwd_cuda(const at::Tensor& z_in, const at::Tensor& low_in, const at::Tensor& nb_in,
                                    int64_t inner, int64_t max_bins, double width, double tau, int64_t window,
                                    double reach) {
-  check_flat_args(z_in, low_in, nb_in, inner, window);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
   TORCH_CHECK(max_bins >= 1, "soft_histogram: max_bins must be >= 1");
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
@@ -64,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_bwd_cuda(const at::Tensor& gra
                                                            const at::Tensor& low_in, const at::Tensor& nb_in,
                                                            int64_t inner, double width, double tau, int64_t window,
                                                            double reach) {
-  check_flat_args(z_in, low_in, nb_in, inner, window);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();

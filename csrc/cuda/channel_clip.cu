@@ -8,6 +8,7 @@
 
 #include "channel_clip.cuh"
 #include "accumulate.cuh"
+#include "channel_grid.cuh"
 
 namespace pydefend::cuda {
 namespace {
@@ -49,12 +50,6 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ up
 __device__ __forceinline__ int state_at(const uint8_t* mask, int64_t i, bool relu) {
   if (relu) return (mask[i >> 2] >> ((i & 3) * 2)) & 3;
   return ((mask[i >> 3] >> (i & 7)) & 1) ? kClipped : kPassed;
-}
-
-int lanes_per_channel(int64_t inner) {
-  int lanes = 1;
-  while (lanes < inner && lanes < kThreads) lanes *= 2;
-  return lanes;
 }
 
 template <typename T>
@@ -112,28 +107,19 @@ template <typename T>
 cudaError_t launch_backward(const void* grad, const uint8_t* mask, void* grad_x, void* grad_upper, void* partial,
                             int64_t outer, int64_t inner, int64_t period, bool relu, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const int lanes = lanes_per_channel(inner);
-  const int64_t channels_per_block = kThreads / lanes;
-  const int64_t kblocks = (period + channels_per_block - 1) / channels_per_block;
-  const int64_t slabs = channel_clip_backward_slabs(outer, period, inner);
-  const int64_t rows_per_slab = (outer + slabs - 1) / slabs;
-  backward_kernel<T><<<dim3(kblocks, slabs), kThreads, 0, stream>>>(
+  const ChannelGrid g = channel_grid(outer, period, inner, kThreads);
+  backward_kernel<T><<<dim3(g.channel_blocks, g.slabs), kThreads, 0, stream>>>(
       static_cast<const T*>(grad), mask, static_cast<T*>(grad_x), static_cast<A*>(partial), outer, inner, period,
-      rows_per_slab, lanes, relu);
+      g.rows_per_slab, g.lanes, relu);
   sum_slabs_kernel<T><<<(period + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      static_cast<const A*>(partial), static_cast<T*>(grad_upper), slabs, period);
+      static_cast<const A*>(partial), static_cast<T*>(grad_upper), g.slabs, period);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int64_t channel_clip_backward_slabs(int64_t outer, int64_t period, int64_t inner) {
-  const int64_t channels_per_block = kThreads / lanes_per_channel(inner);
-  const int64_t kblocks = (period + channels_per_block - 1) / channels_per_block;
-  int64_t slabs = 1024 / kblocks;
-  slabs = slabs < 1 ? 1 : (slabs > outer ? outer : slabs);
-  const int64_t rows_per_slab = (outer + slabs - 1) / slabs;
-  return (outer + rows_per_slab - 1) / rows_per_slab;
+  return channel_grid(outer, period, inner, kThreads).slabs;
 }
 
 cudaError_t channel_clip_forward(DType dtype, const void* x, const void* upper, void* y, uint8_t* mask, int64_t numel,

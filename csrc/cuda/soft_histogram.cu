@@ -20,6 +20,7 @@
 
 #include "soft_histogram.cuh"
 #include "accumulate.cuh"
+#include "channel_grid.cuh"
 
 namespace pydefend::cuda::soft_hist {
 namespace {
@@ -167,12 +168,6 @@ __global__ void finalize_kernel(const unsigned long long* __restrict__ counts, c
   hist[idx] = nan_flags[c] ? quiet_nan(A(0)) : static_cast<A>(value);
 }
 
-int lanes_per_channel(int64_t inner) {
-  int lanes = 1;
-  while (lanes < inner && lanes < kThreads) lanes *= 2;
-  return lanes;
-}
-
 template <typename T>
 __global__ void backward_kernel(const typename Acc<T>::type* __restrict__ grad, const T* __restrict__ z,
                                 const typename Acc<T>::type* __restrict__ low, const int64_t* __restrict__ num_bins,
@@ -264,30 +259,21 @@ cudaError_t launch_backward(const void* grad, const void* z, const void* low, co
                             double width, double tau, int64_t window, double reach, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t outer = numel / (C * inner);
-  const int lanes = lanes_per_channel(inner);
-  const int64_t channels_per_block = kThreads / lanes;
-  const int64_t kblocks = (C + channels_per_block - 1) / channels_per_block;
-  const int64_t slabs = backward_slabs(outer, C, inner);
-  const int64_t rows_per_slab = (outer + slabs - 1) / slabs;
+  const ChannelGrid g = channel_grid(outer, C, inner, kThreads);
   const double scale = tau / static_cast<double>(outer * inner);
-  backward_kernel<T><<<dim3(kblocks, slabs), kThreads, 0, stream>>>(
+  backward_kernel<T><<<dim3(g.channel_blocks, g.slabs), kThreads, 0, stream>>>(
       static_cast<const A*>(grad), static_cast<const T*>(z), static_cast<const A*>(low), num_bins,
-      static_cast<T*>(grad_z), static_cast<A*>(partial), outer, inner, C, max_bins, rows_per_slab, lanes,
+      static_cast<T*>(grad_z), static_cast<A*>(partial), outer, inner, C, max_bins, g.rows_per_slab, g.lanes,
       static_cast<A>(width), static_cast<A>(tau), window, static_cast<A>(reach), static_cast<A>(scale));
   sum_slabs_kernel<A><<<(C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      static_cast<const A*>(partial), static_cast<A*>(grad_low), slabs, C);
+      static_cast<const A*>(partial), static_cast<A*>(grad_low), g.slabs, C);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int64_t backward_slabs(int64_t outer, int64_t C, int64_t inner) {
-  const int64_t channels_per_block = kThreads / lanes_per_channel(inner);
-  const int64_t kblocks = (C + channels_per_block - 1) / channels_per_block;
-  int64_t slabs = 1024 / kblocks;
-  slabs = slabs < 1 ? 1 : (slabs > outer ? outer : slabs);
-  const int64_t rows_per_slab = (outer + slabs - 1) / slabs;
-  return (outer + rows_per_slab - 1) / rows_per_slab;
+  return channel_grid(outer, C, inner, kThreads).slabs;
 }
 
 cudaError_t forward(DType dtype, const void* z, const void* low, const int64_t* num_bins, int64_t* counts,
