@@ -177,9 +177,9 @@ struct ConvGeom {
 };
 
 constexpr int64_t kMR = 6;         // micro-tile rows (output channels, broadcast)
-constexpr int64_t kChunkL = 256;   // positions per packed panel (whole output rows for conv)
-constexpr int64_t kRowBlock = 96;  // Fisher tile of a task: rows x columns
-constexpr int64_t kColBlock = 256;
+constexpr int64_t kChunkL = 128;    // positions per packed panel (whole output rows for conv)
+constexpr int64_t kRowBlock = 384;  // largest Fisher tile of a task, rows x columns: panels and tile fit L2
+constexpr int64_t kColBlock = 128;
 
 template <typename acc_t>
 struct Micro {
@@ -218,29 +218,45 @@ struct Micro {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// First and one-past-last output position o with 0 <= o * stride + offset < size, clipped to [0, out).
+std::pair<int64_t, int64_t> valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out) {
+  const int64_t lo = offset >= 0 ? 0 : ceil_div(-offset, stride);
+  const int64_t hi = size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1;
+  return {std::min(lo, out), std::min(hi, out)};
+}
+
 template <typename scalar_t, typename acc_t>
 void conv_weight_fisher(const scalar_t* x, const scalar_t* dy, const ConvGeom& s, acc_t* out) {
   using M = Micro<acc_t>;
   constexpr int64_t NR = M::NR;
   const int64_t R = s.o / s.groups, cg = s.c / s.groups, kk = s.kh * s.kw, J = cg * kk, L = s.oh * s.ow;
   const int64_t chunk_rows = std::max<int64_t>(1, kChunkL / s.ow), max_chunk = chunk_rows * s.ow;
-  const int64_t rb = std::min(round_up(R, kMR), kRowBlock), jb = std::min(round_up(J, NR), kColBlock);
-  const int64_t rblocks = (R + rb - 1) / rb, jblocks = (J + jb - 1) / jb;
+  // Tiles: as many rows as fit (each packed patch entry feeds rb / MR micro-kernels), column blocks cut into a
+  // multiple of the thread count. The tiling never changes a result (see the header), so it may follow threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t rb = round_up(ceil_div(R, ceil_div(R, kRowBlock)), kMR);
+  int64_t jblocks = std::min(ceil_div(J, NR), round_up(ceil_div(J, kColBlock), threads));
+  const int64_t jb = round_up(ceil_div(J, jblocks), NR);
+  const int64_t rblocks = ceil_div(R, rb);
+  jblocks = ceil_div(J, jb);
   const bool chunked = L > max_chunk;
-  // read along the smaller stride: NCHW walks output positions, channels-last / linear walks channels
+  // read along the smaller stride: NCHW walks output positions, channels-last / linear walk channels
   const bool a_pos_inner = s.ys[3] < s.ys[1], b_pos_inner = s.xs[3] < s.xs[1];
+  const bool pointwise = kk == 1 && s.ph == 0 && s.pw == 0;  // every patch entry is in bounds
   at::parallel_for(0, s.groups * rblocks * jblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> apack(rb * max_chunk), bpack(jb * max_chunk), fbuf(rb * jb), gbuf(chunked ? rb * jb : 0);
     std::vector<int64_t> joff(jb), jdh(jb), jdw(jb);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / (rblocks * jblocks), r0 = (t / jblocks) % rblocks * rb, j0 = t % jblocks * jb;
       const int64_t rows = std::min(rb, R - r0), cols = std::min(jb, J - j0);
-      const int64_t mblocks = (rows + kMR - 1) / kMR, nblocks = (cols + NR - 1) / NR;
+      const int64_t mblocks = ceil_div(rows, kMR), nblocks = ceil_div(cols, NR);
       for (int64_t j = 0; j < cols; ++j) {  // patch entry -> input channel offset and kernel tap
-        const int64_t jj = j0 + j, c = g * cg + jj / kk, tap = jj % kk;
-        joff[j] = c * s.xs[1];
-        jdh[j] = tap / s.kw * s.dh;
-        jdw[j] = tap % s.kw * s.dw;
+        const int64_t jj = j0 + j, tap = jj % kk;
+        joff[j] = (g * cg + jj / kk) * s.xs[1];
+        jdh[j] = tap / s.kw * s.dh - s.ph;
+        jdw[j] = tap % s.kw * s.dw - s.pw;
       }
       std::fill(fbuf.begin(), fbuf.end(), acc_t(0));
       for (int64_t n = 0; n < s.n; ++n) {
@@ -248,36 +264,63 @@ void conv_weight_fisher(const scalar_t* x, const scalar_t* dy, const ConvGeom& s
         const scalar_t* yn = dy + (n * s.ys[0] + (g * R + r0) * s.ys[1]);
         for (int64_t oh0 = 0; oh0 < s.oh; oh0 += chunk_rows) {
           const int64_t oh1 = std::min(s.oh, oh0 + chunk_rows), lc = (oh1 - oh0) * s.ow;
-          // A panel: dy rows [r0, r0 + rows) as [micro-row block][l][MR], zero rows past the end
-          std::fill(apack.begin(), apack.begin() + mblocks * kMR * lc, acc_t(0));
-          auto a_at = [&](int64_t r, int64_t l) -> acc_t& { return apack[(r / kMR * lc + l) * kMR + r % kMR]; };
+          // A panel: dy rows [r0, r0 + rows) as [row micro-block][l][MR], zero rows past the end
+          if (rows % kMR) std::fill(apack.begin(), apack.begin() + mblocks * kMR * lc, acc_t(0));
           if (a_pos_inner) {
-            for (int64_t r = 0; r < rows; ++r)
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* dst = apack.data() + r / kMR * lc * kMR + r % kMR;
+              const scalar_t* src = yn + r * s.ys[1];
               for (int64_t oh = oh0, l = 0; oh < oh1; ++oh)
-                for (int64_t ow = 0; ow < s.ow; ++ow, ++l)
-                  a_at(r, l) = static_cast<acc_t>(yn[r * s.ys[1] + oh * s.ys[2] + ow * s.ys[3]]);
+                for (int64_t ow = 0; ow < s.ow; ++ow, ++l) dst[l * kMR] = static_cast<acc_t>(src[oh * s.ys[2] + ow * s.ys[3]]);
+            }
           } else {
-            for (int64_t oh = oh0, l = 0; oh < oh1; ++oh)
-              for (int64_t ow = 0; ow < s.ow; ++ow, ++l)
-                for (int64_t r = 0; r < rows; ++r)
-                  a_at(r, l) = static_cast<acc_t>(yn[r * s.ys[1] + oh * s.ys[2] + ow * s.ys[3]]);
+            for (int64_t mb = 0; mb < mblocks; ++mb) {
+              const int64_t width = std::min(kMR, rows - mb * kMR);
+              acc_t* dst = apack.data() + mb * lc * kMR;
+              for (int64_t oh = oh0, l = 0; oh < oh1; ++oh)
+                for (int64_t ow = 0; ow < s.ow; ++ow, ++l) {
+                  const scalar_t* src = yn + mb * kMR * s.ys[1] + oh * s.ys[2] + ow * s.ys[3];
+                  for (int64_t r = 0; r < width; ++r) dst[l * kMR + r] = static_cast<acc_t>(src[r * s.ys[1]]);
+                }
+            }
           }
-          // B panel: implicit im2col of patch entries [j0, j0 + cols) as [micro-column block][l][NR]
-          std::fill(bpack.begin(), bpack.begin() + nblocks * NR * lc, acc_t(0));
-          auto b_at = [&](int64_t j, int64_t l) -> acc_t& { return bpack[(j / NR * lc + l) * NR + j % NR]; };
-          auto patch = [&](int64_t j, int64_t oh, int64_t ow) -> acc_t {
-            const int64_t ih = oh * s.sh - s.ph + jdh[j], iw = ow * s.sw - s.pw + jdw[j];
-            if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) return acc_t(0);
-            return static_cast<acc_t>(xn[joff[j] + ih * s.xs[2] + iw * s.xs[3]]);
-          };
+          // B panel: implicit im2col of patch entries [j0, j0 + cols) as [column micro-block][l][NR]; padding and
+          // columns past the end stay zero
+          if (!pointwise || cols % NR) std::fill(bpack.begin(), bpack.begin() + nblocks * NR * lc, acc_t(0));
           if (b_pos_inner) {
-            for (int64_t j = 0; j < cols; ++j)
-              for (int64_t oh = oh0, l = 0; oh < oh1; ++oh)
-                for (int64_t ow = 0; ow < s.ow; ++ow, ++l) b_at(j, l) = patch(j, oh, ow);
+            for (int64_t j = 0; j < cols; ++j) {
+              acc_t* dst = bpack.data() + j / NR * lc * NR + j % NR;
+              const auto [w0, w1] = valid_range(jdw[j], s.sw, s.w, s.ow);
+              for (int64_t oh = oh0; oh < oh1; ++oh) {
+                const int64_t ih = oh * s.sh + jdh[j];
+                if (ih < 0 || ih >= s.h) continue;
+                const scalar_t* src = xn + joff[j] + ih * s.xs[2];
+                acc_t* row = dst + (oh - oh0) * s.ow * NR;
+                for (int64_t ow = w0; ow < w1; ++ow)
+                  row[ow * NR] = static_cast<acc_t>(src[(ow * s.sw + jdw[j]) * s.xs[3]]);
+              }
+            }
           } else {
             for (int64_t oh = oh0, l = 0; oh < oh1; ++oh)
-              for (int64_t ow = 0; ow < s.ow; ++ow, ++l)
-                for (int64_t j = 0; j < cols; ++j) b_at(j, l) = patch(j, oh, ow);
+              for (int64_t ow = 0; ow < s.ow; ++ow, ++l) {
+                const int64_t ih0 = oh * s.sh, iw0 = ow * s.sw;
+                const scalar_t* src = xn + ih0 * s.xs[2] + iw0 * s.xs[3];
+                if (pointwise) {  // linear and 1x1 convs: a run of channels
+                  for (int64_t nb = 0; nb < nblocks; ++nb) {
+                    acc_t* dst = bpack.data() + (nb * lc + l) * NR;
+                    const int64_t width = std::min(NR, cols - nb * NR);
+                    const scalar_t* run = src + joff[nb * NR];
+                    for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<acc_t>(run[j * s.xs[1]]);
+                  }
+                  continue;
+                }
+                for (int64_t j = 0; j < cols; ++j) {
+                  const int64_t ih = ih0 + jdh[j], iw = iw0 + jdw[j];
+                  if (ih >= 0 && ih < s.h && iw >= 0 && iw < s.w)
+                    bpack[(j / NR * lc + l) * NR + j % NR] =
+                        static_cast<acc_t>(xn[joff[j] + ih * s.xs[2] + iw * s.xs[3]]);
+                }
+              }
           }
           const bool first = oh0 == 0, last = oh1 == s.oh;
           for (int64_t nb = 0; nb < nblocks; ++nb)
@@ -334,17 +377,14 @@ std::tuple<at::Tensor, at::Tensor> conv_fisher(const char* op, const at::Tensor&
     s.xs[d] = x.stride(d);
     s.ys[d] = grad.stride(d);
   }
-  at::Tensor fw = at::empty({s.o, s.c / s.groups * s.kh * s.kw}, x.options().dtype(acc));
-  at::Tensor fb = at::empty({s.o}, x.options().dtype(acc));
-  if (s.n == 0 || s.oh * s.ow == 0 || fw.numel() == 0) {
-    fw.zero_();
-    fb.zero_();
-    return {fw, fb};
-  }
+  at::Tensor fw = at::zeros({s.o, s.c / s.groups * s.kh * s.kw}, x.options().dtype(acc));
+  at::Tensor fb = at::zeros({s.o}, x.options().dtype(acc));
+  if (s.n == 0 || s.oh * s.ow == 0) return {fw, fb};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diag_fisher_conv_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    conv_weight_fisher<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), s,
-                                        fw.mutable_data_ptr<acc_t>());
+    if (fw.numel() > 0)
+      conv_weight_fisher<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), s,
+                                          fw.mutable_data_ptr<acc_t>());
     conv_bias_fisher<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), s, fb.mutable_data_ptr<acc_t>());
   });
   return {fw, fb};
