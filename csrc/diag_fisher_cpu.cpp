@@ -178,8 +178,8 @@ struct ConvGeom {
 
 constexpr int64_t kMR = 6;         // micro-tile rows (output channels, broadcast)
 constexpr int64_t kChunkL = 128;    // positions per packed panel (whole output rows for conv)
-constexpr int64_t kRowBlock = 384;  // largest Fisher tile of a task, rows x columns: panels and tile fit L2
-constexpr int64_t kColBlock = 128;
+constexpr int64_t kRowBlock = 384;  // Fisher tile of a task: at most 384 rows, 384 x 128 entries: panels and
+constexpr int64_t kColBlock = 128;  // tile fit a 1 MiB L2
 
 template <typename acc_t>
 struct Micro {
@@ -237,7 +237,8 @@ void conv_weight_fisher(const scalar_t* x, const scalar_t* dy, const ConvGeom& s
   // multiple of the thread count. The tiling never changes a result (see the header), so it may follow threads.
   const int64_t threads = at::get_num_threads();
   const int64_t rb = round_up(ceil_div(R, ceil_div(R, kRowBlock)), kMR);
-  int64_t jblocks = std::min(ceil_div(J, NR), round_up(ceil_div(J, kColBlock), threads));
+  const int64_t col_block = std::max(kColBlock, kRowBlock * kColBlock / rb);  // few rows: wider tiles, fewer dy packs
+  int64_t jblocks = std::min(ceil_div(J, NR), round_up(ceil_div(J, col_block), threads));
   const int64_t jb = round_up(ceil_div(J, jblocks), NR);
   const int64_t rblocks = ceil_div(R, rb);
   jblocks = ceil_div(J, jb);
