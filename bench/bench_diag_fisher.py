@@ -2,6 +2,7 @@
 
     python bench/bench_diag_fisher.py                       # CPU: ResNet-18 (CIFAR) and a ViT-small-like stack
     python bench/bench_diag_fisher.py --device cuda --large # GPU: also ResNet-50 at batch 256 and ViT-B/16
+    python bench/bench_diag_fisher.py --batch 128 --providers plain,pydefend,vmap   # a subset of the rows
 
 Every provider computes sum_n g_n^2 of a cross-entropy sum loss, models in eval mode (BackPACK's
 BatchNorm extensions need it; Opacus runs in train mode, the same function for models without BatchNorm or
@@ -9,10 +10,13 @@ dropout, and it rejects BatchNorm). Time is one forward+backward+Fisher step, re
 plain forward+backward at the same batch, measured in the same run. Peak memory: bytes allocated
 above the starting point during one step (CUDA allocator, or the profiler's CPU allocation events).
 A provider that cannot run a model says why (unsupported layer, out of memory).
+"pydefend (all params, torch ops)" is the path before the fused C++ kernels: per-sample Linear/Conv2d
+gradients by torch GEMMs over bounded chunks of samples (the reference backend), norm layers in C++.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from torch._C._profiler import _EventType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, markdown_table, peak_cuda_bytes, time_ms  # noqa: E402
 
+from pydefend.ops import diag_fisher as df  # noqa: E402
 from pydefend.ops.diag_fisher import DiagFisher  # noqa: E402
 
 
@@ -119,13 +124,24 @@ def plain(model, x, t):
     F.cross_entropy(model(x), t, reduction="sum").backward()
 
 
-def pydefend_provider(params):
+@contextlib.contextmanager
+def without_fused_gemm_kernels():
+    """Linear/Conv2d ops on their torch reference path, as before the cpp backend existed."""
+    saved = [(t, t.pop("cpp")) for t in (df.LINEAR_BACKENDS, df.CONV_BACKENDS)]
+    try:
+        yield
+    finally:
+        for table, backend in saved:
+            table["cpp"] = backend
+
+
+def pydefend_provider(params, fused=True):
     def make(model):
         fisher = DiagFisher(model, params)
 
         def step(model, x, t):
             model.zero_grad(set_to_none=True)
-            with fisher.accumulate():
+            with contextlib.nullcontext() if fused else without_fused_gemm_kernels(), fisher.accumulate():
                 fisher.backward(F.cross_entropy(model(x), t, reduction="none"))
         return step, fisher.detach
     return make
@@ -181,6 +197,7 @@ def opacus_provider(model):
 PROVIDERS = {
     "pydefend (norm affine)": pydefend_provider("norm"),
     "pydefend (all params)": pydefend_provider("all"),
+    "pydefend (all params, torch ops)": pydefend_provider("all", fused=False),
     "vmap(grad) + square-sum": vmap_provider,
     "BackPACK SumGradSquared": backpack_provider("sgs"),
     "BackPACK BatchGrad squared": backpack_provider("batchgrad"),
@@ -204,7 +221,7 @@ def peak_cpu_bytes(fn) -> int:
     return top
 
 
-def run_one(model_name, batch, device, repeats):
+def run_one(model_name, batch, device, repeats, providers):
     factory, shape, classes = MODELS[model_name]
     torch.manual_seed(0)
     x = torch.randn(batch, *shape, device=device)
@@ -217,6 +234,8 @@ def run_one(model_name, batch, device, repeats):
     rows.append([f"{model_name} · batch {batch}", "plain forward+backward", f"{base_ms:.0f}", "1.00×",
                  f"{base_mem / 2**20:.0f}"])
     for name, make in PROVIDERS.items():
+        if not any(name.startswith(p) for p in providers):
+            continue
         model = factory().to(device).eval()
         try:
             step, close = make(model)
@@ -239,15 +258,21 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
     p.add_argument("--large", action="store_true", help="also ResNet-50 and ViT-B/16 at batch 256")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--models", default="resnet18-cifar,vit-small-4blk", help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--providers", default="", help="comma-separated name prefixes (default: all)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch = args.batch or (32 if args.device == "cpu" else 128)
+    providers = [s.strip() for s in args.providers.split(",") if s.strip()] or [""]
     print(f"diag_fisher (eval mode, float32) · {machine_line(args.device)}\n")
     rows = []
-    for name in ("resnet18-cifar", "vit-small-4blk"):
-        rows += run_one(name, batch, args.device, args.repeats)
+    for name in args.models.split(","):
+        rows += run_one(name, batch, args.device, args.repeats, providers)
     if args.large:
         for name in ("resnet50", "vit-b16"):
-            rows += run_one(name, 256, args.device, args.repeats)
+            rows += run_one(name, 256, args.device, args.repeats, providers)
     print(markdown_table(["model", "provider", "ms per step", "vs plain fwd+bwd", "peak MiB"], rows))
 
 

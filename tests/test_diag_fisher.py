@@ -89,28 +89,32 @@ def test_norm_deterministic_across_threads():
 
 
 # --------------------------------------------------------------------------- linear / conv ops
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, (), 5, 3), (6, (4,), 9, 2), (3, (2, 5), 4, 6), (1, (), 1, 1)], ids=str)
-def test_linear_matches_per_sample_einsum(dtype, shape, monkeypatch):
+def test_linear_matches_per_sample_einsum(backend, dtype, shape, monkeypatch):
     n, mid, i, o = shape
-    monkeypatch.setattr(df, "WORKSPACE_BYTES", 256)  # several chunks even at these sizes
+    monkeypatch.setattr(df, "WORKSPACE_BYTES", 256)  # several reference chunks even at these sizes
     x = torch.randn(n, *mid, i, dtype=torch.float64).to(dtype)
     dy = torch.randn(n, *mid, o, dtype=torch.float64).to(dtype)
-    fw, fb = diag_fisher_linear(dy, x)
+    with use_backend(backend):
+        fw, fb = diag_fisher_linear(dy, x)
     xs, gs = x.double().reshape(n, -1, i), dy.double().reshape(n, -1, o)
     per_sample = torch.einsum("nlo,nli->noi", gs, xs)
     assert_fisher_close(fw, per_sample.square().sum(0), RTOL[dtype] * 10)
     assert_fisher_close(fb, gs.sum(1).square().sum(0), RTOL[dtype] * 10)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("cfg", [dict(k=3, s=1, p=1, d=1, g=1), dict(k=(3, 2), s=2, p=(0, 1), d=1, g=1),
                                  dict(k=3, s=1, p=2, d=2, g=2), dict(k=1, s=1, p=0, d=1, g=3)], ids=str)
-def test_conv2d_matches_per_sample_autograd(cfg, monkeypatch):
-    monkeypatch.setattr(df, "WORKSPACE_BYTES", 4096)  # chunks of one or two samples
+def test_conv2d_matches_per_sample_autograd(backend, cfg, monkeypatch):
+    monkeypatch.setattr(df, "WORKSPACE_BYTES", 4096)  # reference chunks of one or two samples
     conv = nn.Conv2d(6, 12, cfg["k"], cfg["s"], cfg["p"], cfg["d"], cfg["g"]).double()
     x = torch.randn(5, 6, 9, 8, dtype=torch.float64)
     dy = torch.randn_like(conv(x))
-    fw, fb = diag_fisher_conv2d(dy, x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    with use_backend(backend):
+        fw, fb = diag_fisher_conv2d(dy, x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
     want_w, want_b = torch.zeros_like(conv.weight), torch.zeros_like(conv.bias)
     for n in range(5):
         gw, gb = torch.autograd.grad(conv(x[n:n + 1]), (conv.weight, conv.bias), dy[n:n + 1])
@@ -120,12 +124,185 @@ def test_conv2d_matches_per_sample_autograd(cfg, monkeypatch):
     assert_fisher_close(fb, want_b, 1e-10)
 
 
-def test_ops_opcheck():
+# The cpp kernel's blocks: 6-row micro-tiles, 16-column (8 for float64) micro-tiles, 128-position chunks
+# (whole output rows), row blocks of up to 384. Shapes below cross each of these boundaries.
+CONV_CASES = [  # (N, C, O, H, W, kernel, stride, padding, dilation, groups)
+    (3, 5, 7, 11, 13, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (2, 6, 10, 20, 23, (3, 2), (2, 1), (0, 2), (1, 2), 2),   # stride, asymmetric padding, dilation, groups
+    (4, 3, 13, 14, 30, (5, 5), (1, 1), (2, 2), (1, 1), 1),   # 420 positions: chunked, rows of 30
+    (2, 12, 12, 7, 9, (3, 3), (2, 2), (3, 3), (2, 2), 4),    # padding wider than the kernel reach
+    (5, 16, 400, 3, 3, (1, 1), (1, 1), (0, 0), (1, 1), 1),   # two row blocks
+    (1, 4, 8, 6, 6, (2, 2), (3, 3), (0, 0), (1, 1), 2),
+    (2, 3, 6, 1, 200, (1, 3), (1, 1), (0, 1), (1, 1), 3),    # one output row longer than a chunk
+]
+
+
+def conv_reference(dy, x, kernel, stride, padding, dilation, groups):
+    with use_backend("reference"):
+        return diag_fisher_conv2d(dy.double(), x.double(), kernel, stride, padding, dilation, groups)
+
+
+def conv_inputs(case, dtype, gen):
+    n, c, o, h, w, k, s, p, d, g = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=gen).to(dtype)
+    out = [(size + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, size in enumerate((h, w))]
+    dy = torch.randn(n, o, *out, dtype=torch.float64, generator=gen).to(dtype)
+    return dy, x
+
+
+# every input is exact in float32, so all dtypes but float64 are held to float32 accumulation accuracy
+CPP_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", list(CPP_RTOL))
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_cpp_conv_matches_float64_reference(case, dtype):
+    gen = torch.Generator().manual_seed(100 + case)
+    dy, x = conv_inputs(CONV_CASES[case], dtype, gen)
+    args = CONV_CASES[case][5:]
+    with use_backend("cpp"):
+        fw, fb = diag_fisher_conv2d(dy, x, *args)
+    assert fw.dtype == fb.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want_w, want_b = conv_reference(dy, x, *args)
+    assert fw.shape == want_w.shape and fb.shape == want_b.shape
+    assert_fisher_close(fw, want_w, CPP_RTOL[dtype])
+    assert_fisher_close(fb, want_b, CPP_RTOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "channels_last_dy_only"])
+def test_cpp_conv_memory_layouts_give_identical_bits(layout):
+    gen = torch.Generator().manual_seed(7)
+    case = CONV_CASES[1]
+    dy, x = conv_inputs(case, torch.float32, gen)
+    with use_backend("cpp"):
+        want = diag_fisher_conv2d(dy, x, *case[5:])
+        if layout == "strided":  # views into larger tensors, innermost stride 2
+            big_x = torch.zeros(*x.shape[:3], 2 * x.shape[3])
+            big_x[..., ::2] = x
+            big_dy = torch.zeros(dy.shape[0], 2 * dy.shape[1], *dy.shape[2:]).transpose(2, 3).contiguous()
+            dy_view = big_dy.transpose(2, 3)[:, ::2]
+            dy_view.copy_(dy)
+            dy2, x2 = dy_view, big_x[..., ::2]
+            assert not x2.is_contiguous() and not dy2.is_contiguous()
+        elif layout == "channels_last":
+            dy2, x2 = dy.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        else:
+            dy2, x2 = dy.to(memory_format=torch.channels_last), x
+        got = diag_fisher_conv2d(dy2, x2, *case[5:])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", list(CPP_RTOL))
+@pytest.mark.parametrize("shape", [(3, (5,), 7, 9), (2, (150,), 20, 33), (4, (3, 4), 17, 401), (2, (1,), 8, 6)],
+                         ids=str)
+def test_cpp_linear_matches_float64_einsum(dtype, shape):
+    n, mid, i, o = shape
+    gen = torch.Generator().manual_seed(i * o)
+    x = torch.randn(n, *mid, i, dtype=torch.float64, generator=gen).to(dtype)
+    dy = torch.randn(n, *mid, o, dtype=torch.float64, generator=gen).to(dtype)
+    with use_backend("cpp"):
+        fw, fb = diag_fisher_linear(dy, x)
+        again = diag_fisher_linear(dy.transpose(0, -1).contiguous().transpose(0, -1), x)  # strided grad_out
+    xs, gs = x.double().reshape(n, -1, i), dy.double().reshape(n, -1, o)
+    assert_fisher_close(fw, torch.einsum("nlo,nli->noi", gs, xs).square().sum(0), CPP_RTOL[dtype])
+    assert_fisher_close(fb, gs.sum(1).square().sum(0), CPP_RTOL[dtype])
+    assert torch.equal(again[0], fw) and torch.equal(again[1], fb)
+
+
+def per_sample_fisher_vmap(module, x, dy):
+    """sum_n g_n^2 from torch.func per-sample gradients of <module(x_n), dy_n>."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def inner(p, xi, dyi):
+        return (functional_call(module, p, (xi[None],)) * dyi[None]).sum()
+
+    per_sample = vmap(grad(inner), in_dims=(None, 0, 0))(params, x, dy)
+    return per_sample["weight"].square().sum(0), per_sample["bias"].square().sum(0)
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_cpp_conv_matches_vmap_grad(case):
+    n, c, o, h, w, k, s, p, d, g = CONV_CASES[case]
+    conv = nn.Conv2d(c, o, k, s, p, d, g).double()
+    dy, x = conv_inputs(CONV_CASES[case], torch.float64, torch.Generator().manual_seed(case))
+    want_w, want_b = per_sample_fisher_vmap(conv, x, dy)
+    with use_backend("cpp"):
+        fw, fb = diag_fisher_conv2d(dy, x, k, s, p, d, g)
+    assert_fisher_close(fw, want_w, 1e-12)
+    assert_fisher_close(fb, want_b, 1e-12)
+
+
+def test_cpp_linear_matches_vmap_grad():
+    lin = nn.Linear(19, 23).double()
+    x, dy = torch.randn(5, 3, 7, 19, dtype=torch.float64), torch.randn(5, 3, 7, 23, dtype=torch.float64)
+    want_w, want_b = per_sample_fisher_vmap(lin, x, dy)
+    with use_backend("cpp"):
+        fw, fb = diag_fisher_linear(dy, x)
+    assert_fisher_close(fw, want_w, 1e-12)
+    assert_fisher_close(fb, want_b, 1e-12)
+
+
+def test_cpp_deterministic_across_threads():
+    gen = torch.Generator().manual_seed(3)
+    dy, x = conv_inputs((9, 32, 70, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1), torch.float32, gen)
+    seq_x, seq_dy = torch.randn(6, 140, 50, generator=gen), torch.randn(6, 140, 45, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3, 4):  # the tiling follows the thread count, the bits must not
+            torch.set_num_threads(t)
+            with use_backend("cpp"):
+                results.append(diag_fisher_conv2d(dy, x, 3, 1, 1) + diag_fisher_linear(seq_dy, seq_x))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_cpp_native_bad_input():
+    conv = torch.ops.pydefend_native.diag_fisher_conv2d
+    x, dy = torch.randn(2, 4, 6, 6), torch.randn(2, 6, 6, 6)
+    with pytest.raises(RuntimeError, match="share a floating dtype"):
+        conv(dy.double(), x, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="share a floating dtype"):
+        conv(dy.long(), x.long(), [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"expected input \(N, C, H, W\)"):
+        conv(dy[0], x[0], [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="stride, dilation must be >= 1"):
+        conv(dy, x, [3, 3], [0, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="groups do not divide"):
+        conv(dy, x, [3, 3], [1, 1], [1, 1], [1, 1], 4)
+    with pytest.raises(RuntimeError, match="gives 4 along dim 2"):
+        conv(dy, x, [3, 3], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"expected input \(N, L, I\) and grad_out \(N, L, O\)"):
+        torch.ops.pydefend_native.diag_fisher_linear(torch.randn(2, 3, 4), torch.randn(2, 5, 4))
+    with pytest.raises(RuntimeError, match="share a floating dtype"):
+        torch.ops.pydefend_native.diag_fisher_linear(torch.randn(2, 3, 4), torch.randn(2, 3, 4).half())
+
+
+def test_cpp_empty_inputs():
+    with use_backend("cpp"):
+        fw, fb = diag_fisher_conv2d(torch.randn(0, 4, 5, 5), torch.randn(0, 3, 5, 5), 3, padding=1)
+        assert fw.shape == (4, 3, 3, 3) and fw.abs().sum() == 0 and fb.shape == (4,) and fb.abs().sum() == 0
+        dy = torch.randn(2, 4, 5, 5)
+        fw, fb = diag_fisher_conv2d(dy, torch.randn(2, 0, 5, 5), 3, padding=1)
+    assert fw.shape == (4, 0, 3, 3)  # no input channels: the bias still has a Fisher
+    assert_fisher_close(fb, dy.double().sum((2, 3)).square().sum(0), 2e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_ops_opcheck(backend):
     dy, x, mean, invstd = norm_inputs((3, 2, 6, 5, (1, 1, 3)), torch.float32)
-    torch.library.opcheck(torch.ops.pydefend.diag_fisher_norm.default, (dy, x, mean, invstd))
-    torch.library.opcheck(torch.ops.pydefend.diag_fisher_linear.default, (torch.randn(4, 3, 5), torch.randn(4, 3, 7)))
-    torch.library.opcheck(torch.ops.pydefend.diag_fisher_conv2d.default,
-                          (torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5), [3, 3], [1, 1], [1, 1], [1, 1], 1))
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.pydefend.diag_fisher_norm.default, (dy, x, mean, invstd))
+        torch.library.opcheck(torch.ops.pydefend.diag_fisher_linear.default,
+                              (torch.randn(4, 3, 5), torch.randn(4, 3, 7)))
+        torch.library.opcheck(torch.ops.pydefend.diag_fisher_conv2d.default,
+                              (torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5), [3, 3], [1, 1], [1, 1], [1, 1], 1))
+        torch.library.opcheck(torch.ops.pydefend.diag_fisher_conv2d.default,
+                              (torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last),
+                               torch.randn(2, 6, 6, 5).to(memory_format=torch.channels_last), [2, 3], [2, 1],
+                               [0, 0], [1, 1], 2))
 
 
 def test_compile_fullgraph():

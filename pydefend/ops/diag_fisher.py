@@ -7,14 +7,16 @@ already has, the layer input x and the output gradient dy:
         g_gamma[n,p] = sum_{a,b} dy * (x - mean) * invstd,  g_beta[n,p] = sum_{a,b} dy
         on (N, A, P, B) views (see csrc/diag_fisher_cpu.cpp); squared and summed over n in the
         same pass, extra memory O(P). Backends: cpp, cuda, triton, reference.
-    diag_fisher_linear(dy, x)               nn.Linear: 2-D inputs via  (dy∘dy)^T (x∘x)  (one GEMM);
-        inputs (N, ..., I) via per-sample  G_n = dy_n^T x_n,  squared and summed. Backends: reference
-        (torch GEMMs over sample chunks; the CPU default), triton (fused: G_n lives in a register tile).
-    diag_fisher_conv2d(dy, x, ...)          nn.Conv2d: per-sample G_n = dy_n · unfold(x_n)^T over chunks
-        of samples (torch, any device); only one chunk's patches exist at a time.
+    diag_fisher_linear(dy, x)               nn.Linear: 2-D inputs via  (dy∘dy)^T (x∘x)  (one GEMM, the
+        reference backend);  inputs (N, ..., I) via per-sample  G_n = dy_n^T x_n,  squared and summed.
+        Backends: cpp and triton (fused: G_n lives in a register tile), reference (torch GEMMs over sample chunks).
+    diag_fisher_conv2d(dy, x, ...)          nn.Conv2d: per-sample G_n = dy_n · patches(x_n)^T. Backends: cpp
+        (fused, implicit im2col, any strides: NCHW and channels-last without copies), reference (torch unfold
+        + bmm over chunks of samples; only one chunk's patches exist at a time).
 
-Outputs are float32 (float64 for float64 inputs). Chunks: at most WORKSPACE_BYTES of workspace, at
-least one sample (or one row of a 2-D input), so extra memory is O(P) + workspace, independent of N.
+Outputs are float32 (float64 for float64 inputs). The fused kernels need O(P) extra memory plus a few
+hundred KiB per thread. Reference chunks: at most WORKSPACE_BYTES of workspace, at least one sample (or one
+row of a 2-D input), so extra memory is O(P) + workspace, independent of N.
 
 `DiagFisher(model, params=...)` hooks the layers and accumulates the Fisher of the selected
 parameters during `with fisher.accumulate(): ...forward and backward...`:
@@ -52,9 +54,9 @@ from ..backends import Backend, forced_backend, select, why_not_native, why_not_
 _library.load()
 
 __all__ = ["DiagFisher", "diag_fisher_norm", "diag_fisher_linear", "diag_fisher_conv2d", "NORM_BACKENDS",
-           "LINEAR_BACKENDS", "WORKSPACE_BYTES"]
+           "LINEAR_BACKENDS", "CONV_BACKENDS", "WORKSPACE_BYTES"]
 
-WORKSPACE_BYTES = 64 * 2**20  # per-chunk workspace bound of the linear (sequence) and conv ops
+WORKSPACE_BYTES = 64 * 2**20  # per-chunk workspace bound of the reference linear (sequence) and conv paths
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -168,12 +170,21 @@ def _reference_linear(grad, x):
 
 def _triton_linear(grad, x):
     from ..kernels import diag_fisher as k
-    return k.linear_fisher(grad, x)
+    return k.linear_fisher(grad.contiguous(), x.contiguous())
+
+
+def _native_linear(grad, x):
+    return torch.ops.pydefend_native.diag_fisher_linear(grad, x)
+
+
+def _reference_linear_dense(grad, x):
+    return _reference_linear(grad.contiguous(), x.contiguous())
 
 
 LINEAR_BACKENDS = {
+    "cpp": Backend("cpp", _native_linear, None, ("cpu",), why_not_native),
     "triton": Backend("triton", _triton_linear, None, ("cuda", "cpu"), why_not_triton),
-    "reference": Backend("reference", _reference_linear, None, ("cpu", "cuda", "mps", "xpu", "meta")),
+    "reference": Backend("reference", _reference_linear_dense, None, ("cpu", "cuda", "mps", "xpu", "meta")),
 }
 
 _linear_op = "pydefend::diag_fisher_linear"
@@ -189,10 +200,10 @@ def _linear_fake(grad, x):
 def _linear_device(grad, x):
     _check_linear(grad, x)
     n, l = x.shape[0], math.prod(x.shape[1:-1])
-    g3 = grad.reshape(n, l, grad.shape[-1]).contiguous()
-    x3 = x.reshape(n, l, x.shape[-1]).contiguous()
+    g3 = grad.reshape(n, l, grad.shape[-1])  # the cpp kernel takes any strides; the others copy when needed
+    x3 = x.reshape(n, l, x.shape[-1])
     if x.numel() == 0 or grad.numel() == 0:
-        return _reference_linear(g3, x3)
+        return _reference_linear_dense(g3, x3)
     backend = select("diag_fisher_linear", LINEAR_BACKENDS, x.device)
     if forced_backend() is None and x3.shape[1] == 1:
         backend = LINEAR_BACKENDS["reference"]  # 2-D: the one-GEMM identity beats a per-sample tile
@@ -233,8 +244,7 @@ def _conv_fake(grad, x, kernel_size, stride, padding, dilation, groups):
     return (x.new_empty((o, x.shape[1] // groups, *kernel_size), dtype=acc), x.new_empty((o,), dtype=acc))
 
 
-def _conv_device(grad, x, kernel_size, stride, padding, dilation, groups):
-    _check_conv(grad, x, kernel_size, stride, padding, dilation, groups)
+def _reference_conv(grad, x, kernel_size, stride, padding, dilation, groups):
     n, c = x.shape[:2]
     o = grad.shape[1]
     kk = kernel_size[0] * kernel_size[1]
@@ -253,6 +263,22 @@ def _conv_device(grad, x, kernel_size, stride, padding, dilation, groups):
         fw += per_sample.square_().view(m, groups, o // groups, -1).sum(0)
         fb += g.sum((2, 3)).square().sum(0)
     return fw.view(o, c // groups, *kernel_size), fb
+
+
+def _native_conv(grad, x, kernel_size, stride, padding, dilation, groups):
+    return torch.ops.pydefend_native.diag_fisher_conv2d(grad, x, kernel_size, stride, padding, dilation, groups)
+
+
+CONV_BACKENDS = {
+    "cpp": Backend("cpp", _native_conv, None, ("cpu",), why_not_native),
+    "reference": Backend("reference", _reference_conv, None, ("cpu", "cuda", "mps", "xpu", "meta")),
+}
+
+
+def _conv_device(grad, x, kernel_size, stride, padding, dilation, groups):
+    _check_conv(grad, x, kernel_size, stride, padding, dilation, groups)
+    backend = select("diag_fisher_conv2d", CONV_BACKENDS, x.device)
+    return backend.forward(grad, x, kernel_size, stride, padding, dilation, groups)
 
 
 for _device in ("cpu", "cuda"):
