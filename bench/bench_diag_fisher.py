@@ -243,9 +243,12 @@ def run_one(model_name, batch, device, repeats, providers):
             mem = peak(lambda: step(model, x, t))
             close()
             rows.append(["", name, f"{ms:.0f}", f"{ms / base_ms:.2f}×", f"{mem / 2**20:.0f}"])
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             rows.append(["", name, "out of memory", "", ""])
         except Exception as e:  # an unsupported layer: report it, keep going
+            if "can't allocate memory" in str(e):  # the CPU allocator's out-of-memory error is a RuntimeError
+                rows.append(["", name, "out of memory", "", ""])
+                continue
             rows.append(["", name, f"fails: {type(e).__name__}: {str(e).splitlines()[0][:70]}", "", ""])
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -261,12 +264,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--models", default="resnet18-cifar,vit-small-4blk", help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--providers", default="", help="comma-separated name prefixes (default: all)")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="CPU: cap this process's address space (a smaller machine), to show who runs out of memory")
     args = p.parse_args(argv)
+    if args.memory_cap_gib:
+        import resource
+        cap = int(args.memory_cap_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch or (32 if args.device == "cpu" else 128)
     providers = [s.strip() for s in args.providers.split(",") if s.strip()] or [""]
-    print(f"diag_fisher (eval mode, float32) · {machine_line(args.device)}\n")
+    cap = f" · address space capped at {args.memory_cap_gib:g} GiB" if args.memory_cap_gib else ""
+    print(f"diag_fisher (eval mode, float32) · {machine_line(args.device)}{cap}\n")
     rows = []
     for name in args.models.split(","):
         rows += run_one(name, batch, args.device, args.repeats, providers)
