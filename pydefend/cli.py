@@ -85,8 +85,9 @@ def add_zoo_parser(subparsers):
                                    description="Build the zoo of backdoored models and print a "
                                                "table of ACC/ASR/RA/training time.")
     parser.add_argument("--attacks", nargs="+", default=["badnets", "blended", "sig", "wanet"],
-                        choices=sorted(ATTACKS), metavar="ATTACK",
-                        help=f"any of {', '.join(sorted(ATTACKS))} (default: badnets blended sig wanet)")
+                        choices=sorted(ATTACKS) + ["clean"], metavar="ATTACK",
+                        help=f"any of {', '.join(sorted(ATTACKS))}, or clean (the same training without "
+                             "poisoning); default: badnets blended sig wanet")
     _add_training_options(parser, default_epochs=6)
     parser.set_defaults(data="fashion_mnist")
     parser.add_argument("--out", type=Path, default=None,
@@ -194,10 +195,11 @@ def run_zoo(args) -> int:
                                cache_dir=args.out, device=args.device, progress=not args.quiet,
                                retrain=args.retrain)
         metrics = meta["metrics"]
-        rows.append((attack_name, metrics["acc"], metrics["asr"], metrics["ra"], meta["train_time_s"]))
+        rows.append((attack_name, metrics["acc"], metrics.get("asr"), metrics.get("ra"), meta["train_time_s"]))
+    fmt = lambda v: f"{v:>7.4f}" if v is not None else f"{'–':>7}"  # noqa: E731
     print(f"{'attack':<16} {'ACC':>7} {'ASR':>7} {'RA':>7} {'time (s)':>9}")
     for name, acc, asr, ra, seconds in rows:
-        print(f"{name:<16} {acc:>7.4f} {asr:>7.4f} {ra:>7.4f} {seconds:>9.1f}")
+        print(f"{name:<16} {fmt(acc)} {fmt(asr)} {fmt(ra)} {seconds:>9.1f}")
     return 0
 
 

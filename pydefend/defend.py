@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .defenses import CleanData, get_defense
-from .metrics import defense_effectiveness_rating, evaluate
+from .metrics import defense_effectiveness_rating, detection_rates, evaluate
 from .repaired import save_repaired
 
 
@@ -59,11 +59,13 @@ def run_defense(method: str, model, dataset, attack, clean_indices, config=None,
     report["metrics"] = {"before": before, "after": after}
     if attack is not None:
         report["metrics"]["der"] = defense_effectiveness_rating(before, after)
+    if getattr(result.model, "flags_triggered_inputs", False):
+        report["metrics"]["test_time_detection"] = detection_rates(result.model, dataset, attack, device=device)
     report["total_seconds"] = round(time.perf_counter() - start, 3)
     if out_dir is not None:
         out = Path(out_dir)
         if model_spec is not None:
-            save_repaired(out, result.model, model_spec, method, result.inserted, report, source)
+            save_repaired(out, result.model, model_spec, method, result.inserted, report, source, result.wrapper)
         else:
             out.mkdir(parents=True, exist_ok=True)
             (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

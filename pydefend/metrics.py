@@ -77,3 +77,30 @@ def evaluate(model: nn.Module, dataset: Dataset, attack: Attack | None, batch_si
     finally:
         model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def detection_rates(model: nn.Module, dataset: Dataset, attack: Attack | None, batch_size: int = 256,
+                    device="cpu") -> dict:
+    """Test-time trigger detection by a model whose forward(x, return_flags=True) gives (logits, flags).
+
+    FPR: clean test images flagged. TPR: triggered test images (those counted for ASR) flagged; absent
+    without an attack.
+    """
+    def flagged(x, transform=None):
+        out = []
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start:start + batch_size].to(device)
+            out.append(model(transform(batch) if transform else batch, return_flags=True)[1].cpu())
+        return torch.cat(out)
+
+    was_training = model.training
+    model.eval()
+    try:
+        rates = {"fpr": flagged(dataset.x_test).double().mean().item()}
+        if attack is not None:
+            mask = attack.evaluation_mask(dataset.y_test)
+            rates["tpr"] = flagged(dataset.x_test[mask], attack.apply).double().mean().item()
+    finally:
+        model.train(was_training)
+    return rates

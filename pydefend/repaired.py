@@ -3,7 +3,9 @@
 A repaired model is the original architecture (rebuilt from its JSON model
 spec, see pydefend.checkpoint) plus modules a defense inserted into its
 traced graph, each described by the node it follows, its class and its
-constructor arguments. `load_repaired` rebuilds exactly that nn.Module.
+constructor arguments, optionally inside a wrapper module (BNA's test-time
+rule) described by its class and arguments. `load_repaired` rebuilds
+exactly that nn.Module.
 """
 from __future__ import annotations
 
@@ -28,6 +30,21 @@ def _insertable():
     return {"ChannelClip": ChannelClip}
 
 
+def _wrappers():
+    from .defenses.bna import BNAModel
+    return {"BNAModel": BNAModel}
+
+
+def _build_wrapper(model: nn.Module, wrapper: dict | None) -> nn.Module:
+    if not wrapper:
+        return model
+    try:
+        cls = _wrappers()[wrapper["class"]]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"unknown wrapper {wrapper!r}") from None
+    return cls(model, **wrapper["args"])
+
+
 def _build_inserted(model: nn.Module, inserted: list) -> nn.Module:
     if not inserted:
         return model
@@ -43,7 +60,7 @@ def _build_inserted(model: nn.Module, inserted: list) -> nn.Module:
 
 
 def save_repaired(directory, model: nn.Module, model_spec: dict, defense: str, inserted: list,
-                  report: dict | None = None, source: dict | None = None) -> Path:
+                  report: dict | None = None, source: dict | None = None, wrapper: dict | None = None) -> Path:
     """Write repaired.safetensors + repaired.json (and report.json when given) into directory."""
     from safetensors.torch import save_file
 
@@ -51,7 +68,7 @@ def save_repaired(directory, model: nn.Module, model_spec: dict, defense: str, i
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "defense": defense, "model": model_spec,
-            "inserted": inserted, "source": source or {}}
+            "inserted": inserted, "wrapper": wrapper, "source": source or {}}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     (directory / META_FILE).write_text(_format_json(meta) + "\n")
     if report is not None:
@@ -74,7 +91,7 @@ def load_repaired(path: str | os.PathLike, device="cpu") -> nn.Module:
     meta = json.loads((directory / META_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{directory / META_FILE} is not a repaired-model description this pydefend reads")
-    model = _build_inserted(build_from_spec(meta["model"]), meta["inserted"])
+    model = _build_wrapper(_build_inserted(build_from_spec(meta["model"]), meta["inserted"]), meta.get("wrapper"))
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, FileNotFoundError) as exc:

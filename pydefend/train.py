@@ -55,7 +55,7 @@ class _Progress:
             self.bar.close()
 
 
-def train_backdoored(dataset: Dataset, model_name: str, model_config: dict | None, attack: Attack,
+def train_backdoored(dataset: Dataset, model_name: str, model_config: dict | None, attack: Attack | None,
                      epochs: int = 10, batch_size: int = 128, lr: float = 0.05, seed: int = 0,
                      device="cpu", progress: bool = True, weight_decay: float = 5e-4,
                      augment: bool = False, reserved_indices=None) -> tuple[nn.Module, dict]:
@@ -72,7 +72,10 @@ def train_backdoored(dataset: Dataset, model_name: str, model_config: dict | Non
     torch.manual_seed(seed)
     model = build_model(model_name, dataset.in_channels, dataset.num_classes, dataset.image_size,
                         **(model_config or {})).to(device)
-    x_train, y_train, poisoned = poison_dataset(dataset, attack, seed=seed, exclude=reserved_indices)
+    if attack is None:
+        x_train, y_train, poisoned = dataset.x_train, dataset.y_train, torch.empty(0, dtype=torch.long)
+    else:
+        x_train, y_train, poisoned = poison_dataset(dataset, attack, seed=seed, exclude=reserved_indices)
     n = x_train.shape[0]
     steps_per_epoch = (n + batch_size - 1) // batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -80,7 +83,7 @@ def train_backdoored(dataset: Dataset, model_name: str, model_config: dict | Non
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
                                                     steps_per_epoch=steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    bar = _Progress(epochs * steps_per_epoch, epochs, progress, f"{attack.name}/{model_name}")
+    bar = _Progress(epochs * steps_per_epoch, epochs, progress, f"{attack.name if attack else 'clean'}/{model_name}")
     start = time.perf_counter()
     try:
         model.train()

@@ -18,6 +18,7 @@ from .data import clean_split, load_dataset
 from .train import train_backdoored
 
 DEFAULT_ATTACKS = ("badnets", "blended", "sig", "wanet")
+CLEAN = "clean"  # the attack name of a model trained the same way on unpoisoned data
 
 
 def zoo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -38,13 +39,14 @@ def get_or_train(attack_name: str, dataset_name: str = "fashion_mnist", model: s
                  retrain: bool = False) -> tuple[nn.Module, dict]:
     """The cached backdoored model for these settings, training it on a miss.
 
+    ``attack_name="clean"`` trains the same recipe without poisoning.
     Returns (model in eval mode, checkpoint metadata). The metadata holds the
     attack (to re-apply its exact trigger), the defender's clean split of the
     training set and the metrics measured after training.
     """
     dataset = load_dataset(dataset_name, seed=seed)
-    attack = make_attack(attack_name, dataset.input_shape, dataset.num_classes, target=target,
-                         rate=rate, seed=seed)
+    attack = None if attack_name == CLEAN else make_attack(attack_name, dataset.input_shape, dataset.num_classes,
+                                                           target=target, rate=rate, seed=seed)
     spec = model_spec(model, dataset.in_channels, dataset.num_classes, dataset.image_size,
                       {"width": width})
     training = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -56,7 +58,7 @@ def get_or_train(attack_name: str, dataset_name: str = "fashion_mnist", model: s
         try:
             meta = load_meta(entry)
             if (meta.get("dataset") == dataset.name and meta.get("model") == spec
-                    and meta.get("attack") == attack.to_dict() and meta.get("training") == training):
+                    and meta.get("attack") == (attack and attack.to_dict()) and meta.get("training") == training):
                 return load_checkpoint(entry, device=device)
         except CheckpointError:
             pass  # a damaged or foreign entry is simply rebuilt
@@ -65,13 +67,13 @@ def get_or_train(attack_name: str, dataset_name: str = "fashion_mnist", model: s
     net, metrics = train_backdoored(dataset, model, spec["config"], attack, epochs=epochs,
                                     batch_size=batch_size, lr=lr, seed=seed, device=device,
                                     progress=progress, reserved_indices=clean_indices)
-    save_checkpoint(entry, net, spec, dataset=dataset.name, attack=attack.to_dict(), seed=seed,
+    save_checkpoint(entry, net, spec, dataset=dataset.name, attack=attack and attack.to_dict(), seed=seed,
                     clean_indices=clean_indices.tolist(),
-                    metrics={k: metrics[k] for k in ("acc", "asr", "ra")},
+                    metrics={k: metrics[k] for k in ("acc", "asr", "ra") if k in metrics},
                     train_time_s=metrics["train_time_s"], extra={"training": training})
     return load_checkpoint(entry, device=device)
 
 
-def attack_from_meta(meta: dict) -> Attack:
-    """The exact attack a checkpoint was trained with."""
-    return Attack.from_dict(meta["attack"])
+def attack_from_meta(meta: dict) -> Attack | None:
+    """The exact attack a checkpoint was trained with (None for a clean model)."""
+    return Attack.from_dict(meta["attack"]) if meta.get("attack") else None

@@ -1,10 +1,11 @@
 """Post-training backdoor defenses, one per module, registered by name."""
 from .base import REGISTRY, CleanData, DefenseResult, register
+from .bna import BNA, BNAConfig
 from .tsbd import TSBD, TSBDConfig
 from .unibp import UniBP, UniBPConfig
 from .unit import UNIT, UNITConfig
 
-__all__ = ["REGISTRY", "CleanData", "DefenseResult", "register", "TSBD", "TSBDConfig", "UNIT", "UNITConfig",
+__all__ = ["REGISTRY", "BNA", "BNAConfig", "CleanData", "DefenseResult", "register", "TSBD", "TSBDConfig", "UNIT", "UNITConfig",
            "UniBP", "UniBPConfig", "get_defense"]
 
 

@@ -56,6 +56,7 @@ class DefenseResult:
     report: dict  # JSON-serialisable: config, phases, defense-specific details
     inserted: list = field(default_factory=list)  # how to rebuild inserted modules (see pydefend.repaired)
     plots: dict = field(default_factory=dict)  # file name -> function(path) that draws a PNG
+    wrapper: dict | None = None  # {"class", "args"} when the repaired model wraps the original (BNA)
 
 
 @torch.no_grad()

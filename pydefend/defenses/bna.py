@@ -1,0 +1,667 @@
+"""BNA: backdoor mitigation by distribution alignment (shared/papers/bna.txt, §4.1-4.2, §5.1, appendices 8, 10).
+
+Detection before mitigation:
+1. Reverse-engineer a trigger for every putative target class t and score it.
+   Default (`detection="target"`, Neural Cleanse): x' = (1 − m)⊙x + m⊙p with
+   mask m ∈ [0,1]^{H×W} and pattern p ∈ [0,1]^{C×H×W}, minimising
+   CE(f(x'), t) + λ‖m‖₁ on the defender's clean images of the other classes;
+   statistic ‖m‖₁. Option `detection="pairs"` (§4.1, after Xiang et al.): an
+   additive perturbation δ per ordered class pair (s, t), minimising
+   CE(f(clip(x + δ)), t) + λ‖δ‖₂ on class-s images; statistic 1/‖δ‖₂.
+   λ follows Neural Cleanse's schedule (×1.5 after `re_patience` successful
+   check windows in a row, ÷1.5^1.5 after as many failed ones); the kept
+   trigger is the smallest one whose success rate reached `re_success`.
+2. MAD anomaly index, one-sided (small triggers are suspicious): for the
+   per-target masks (s = ‖m‖₁) index = (median − s)/(1.4826·MAD), flagged
+   above 2 (Neural Cleanse's rule); for pairs (s = 1/‖δ‖₂) index =
+   (s − median)/MAD, flagged above 7 (the paper's 7-MAD rule). A trigger that
+   never reached the success rate is never flagged. Nothing flagged: the
+   model is returned unchanged and the report says so.
+Mitigation, per detected target t:
+3. Re-estimate the trigger on the images of all detected source classes
+   Ŝ(t). Per-target detection already estimated it on every other class, so
+   when Ŝ(t) is all of them that trigger is reused.
+4. Every BatchNorm becomes h(z) = γ·max(min((z − μ)/σ, ω), v) + β (eq. 4,
+   with BN's own affine kept as the paper does when a neuron is followed by
+   a BN): μ, σ start at the running statistics, v, ω at the normalised clean
+   minimum and maximum; γ, β and every model weight stay fixed. μ, σ, v, ω
+   are trained (Adam, lr 0.01, 10 epochs over the triggered clean images of
+   Ŝ(t)) to minimise Σ_layers Σ_neurons D(p‖q): p the soft histogram of the
+   clean model's BN outputs on the clean images of Ŝ(t), q that of g's on
+   the same images with the trigger, bins of width Δb = 0.1 spanning each
+   neuron's clean [min, max] over all clean data, τ = 150, D = TV (JS, KL
+   options), through the fused `soft_histogram` op. `layers=` names modules
+   explicitly: BatchNorms among them are transformed in place, any other
+   module gets an h after it with γ, β = its clean std and mean (a BN
+   inserted after it, as the paper's footnote 1 allows).
+5. Inference (`BNAModel`): ŷ = f(x) unless f(x) is a detected target t;
+   then ŷ = g(x|Θ_t), and x is flagged as triggered when the two disagree.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..monitor import PhaseRecorder
+from ..ops.soft_histogram import f_divergence, soft_histogram
+from ..progress import progress_bar
+from .base import CleanData, DefenseResult, config_dict, register
+
+NC_CONSISTENCY = 1.4826  # MAD of a normal sample · 1.4826 ≈ its standard deviation (Neural Cleanse)
+
+
+@dataclass
+class BNAConfig:
+    detection: str = "target"  # "target": a mask + pattern per target (Neural Cleanse); "pairs": δ per (s, t)
+    threshold: float | None = None  # anomaly-index threshold; None: 2 ("target") or 7 ("pairs")
+    re_steps: int = 300  # reverse-engineering optimisation steps
+    re_batch_size: int = 32  # clean images per step; each is replicated once per putative target
+    re_lr: float = 0.1
+    re_init_cost: float = 1e-3  # λ₀
+    re_cost_multiplier: float = 1.5
+    re_check_every: int = 10  # steps per success-rate check window
+    re_patience: int = 3  # check windows in a row before λ moves
+    re_success: float = 0.99  # a trigger counts once this fraction of its images go to its target
+    layers: str = "bn"  # "bn": every BatchNorm; or comma-separated module names
+    divergence: str = "tv"  # "tv", "js" or "kl"
+    tau: float = 150.0
+    bin_width: float = 0.1
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.detection not in ("target", "pairs"):
+            raise ValueError(f"BNA detection must be 'target' or 'pairs', got {self.detection!r}")
+        if self.divergence not in ("tv", "js", "kl"):
+            raise ValueError(f"BNA divergence must be 'tv', 'js' or 'kl', got {self.divergence!r}")
+        if self.re_steps < 1 or self.re_batch_size < 1 or self.re_check_every < 1 or self.re_patience < 1:
+            raise ValueError("BNA needs re_steps, re_batch_size, re_check_every and re_patience >= 1")
+        if self.epochs < 0 or self.lr <= 0 or self.re_lr <= 0 or self.tau <= 0 or self.bin_width <= 0:
+            raise ValueError("BNA needs epochs >= 0 and positive lr, re_lr, tau and bin_width")
+        if not 0 < self.re_success <= 1:
+            raise ValueError(f"BNA re_success must be in (0, 1], got {self.re_success}")
+
+    @property
+    def anomaly_threshold(self) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        return 2.0 if self.detection == "target" else 7.0
+
+
+# --------------------------------------------------------------------------- detection
+def anomaly_index(statistics: torch.Tensor, small_is_anomalous: bool, consistency: float = 1.0) -> torch.Tensor:
+    """One-sided MAD anomaly index: deviation from the median towards the suspicious side / (consistency·MAD).
+
+    Values on the other side of the median get negative indices. With MAD = 0 every deviation on the
+    suspicious side is infinitely anomalous (+inf) and the median itself scores 0.
+    """
+    s = statistics.double().flatten()
+    median = s.median()
+    mad = (s - median).abs().median() * consistency
+    deviation = (median - s) if small_is_anomalous else (s - median)
+    if mad > 0:
+        return (deviation / mad).reshape(statistics.shape)
+    out = torch.zeros_like(deviation)
+    out[deviation > 0] = math.inf
+    out[deviation < 0] = -math.inf
+    return out.reshape(statistics.shape)
+
+
+class TriggerBank(nn.Module):
+    """Jobs j = (target t_j, source classes S_j), one trigger each, optimised together in one batch.
+
+    kind "patch": x' = (1 − m)⊙x + m⊙p, size ‖m‖₁; kind "perturbation": x' = clamp(x + δ, 0, 1), size ‖δ‖₂.
+    Masks and patterns are tanh-parametrised into [0, 1] (Neural Cleanse).
+    """
+
+    def __init__(self, kind: str, targets: list[int], sources: list[list[int]], image_shape, seed: int = 0):
+        super().__init__()
+        if kind not in ("patch", "perturbation"):
+            raise ValueError(f"unknown trigger kind {kind!r}")
+        self.kind, self.targets, self.sources = kind, list(targets), [sorted(s) for s in sources]
+        c, h, w = image_shape
+        g = torch.Generator().manual_seed(seed)
+        n = len(self.targets)
+        if kind == "patch":
+            self.mask_raw = nn.Parameter(torch.randn(n, 1, h, w, generator=g) * 0.1 - 2.0)  # mask ≈ 0.02
+            self.pattern_raw = nn.Parameter(torch.randn(n, c, h, w, generator=g) * 0.1)
+        else:
+            self.delta = nn.Parameter(torch.randn(n, c, h, w, generator=g) * 1e-3)
+
+    def mask(self) -> torch.Tensor:
+        return (torch.tanh(self.mask_raw) + 1) / 2
+
+    def pattern(self) -> torch.Tensor:
+        return (torch.tanh(self.pattern_raw) + 1) / 2
+
+    def apply(self, x: torch.Tensor, jobs: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) with job index per row."""
+        if self.kind == "patch":
+            m, p = self.mask()[jobs], self.pattern()[jobs]
+            return (1 - m) * x + m * p
+        return (x + self.delta[jobs]).clamp(0, 1)
+
+    def sizes(self) -> torch.Tensor:
+        if self.kind == "patch":
+            return self.mask().flatten(1).sum(1)
+        return self.delta.flatten(1).norm(dim=1)
+
+    def job_pairs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, job) for every image row whose class is a source of the job."""
+        classes = max(max(s, default=0) for s in self.sources) + 1
+        member = torch.zeros(len(self.targets), max(classes, int(y.max()) + 1), dtype=torch.bool)
+        for j, s in enumerate(self.sources):
+            member[j, s] = True
+        rows, jobs = member[:, y].T.nonzero(as_tuple=True)
+        return rows, jobs
+
+
+def reverse_engineer(model: nn.Module, clean: CleanData, bank: TriggerBank, config: BNAConfig, device="cpu",
+                     progress: bool = True, label: str = "BNA reverse-engineer") -> dict:
+    """Optimise every job's trigger together; keeps each job's smallest trigger that reached re_success.
+
+    Returns {"size": (jobs,) sizes of the kept triggers, "reached": (jobs,) bool, "success": final rates,
+    "cost": final λ per job, "trace": per check window}. The bank holds the kept triggers afterwards.
+    """
+    bank = bank.to(device)
+    n_jobs = len(bank.targets)
+    targets = torch.tensor(bank.targets, device=device)
+    opt = torch.optim.Adam(bank.parameters(), lr=config.re_lr, betas=(0.5, 0.9))
+    cost = torch.full((n_jobs,), config.re_init_cost, device=device)
+    up = torch.zeros(n_jobs, dtype=torch.long)
+    down = torch.zeros(n_jobs, dtype=torch.long)
+    best = {k: v.detach().clone() for k, v in bank.state_dict().items()}
+    best_size = torch.full((n_jobs,), math.inf)
+    hits, counts = torch.zeros(n_jobs), torch.zeros(n_jobs)
+    success = torch.zeros(n_jobs)
+    trace = []
+    batches = clean.endless_batches(config.re_batch_size, config.seed)
+    bar = progress_bar(range(config.re_steps), label, enabled=progress)
+    for step in bar:
+        x, y = next(batches)
+        rows, jobs = bank.job_pairs(y)
+        if rows.numel() == 0:
+            continue
+        x, rows, jobs = x.to(device), rows.to(device), jobs.to(device)
+        logits = model(bank.apply(x[rows], jobs))
+        ce = F.cross_entropy(logits, targets[jobs], reduction="none")
+        per_job = torch.zeros(n_jobs, device=device).index_add_(0, jobs, ce)
+        n_per_job = torch.bincount(jobs, minlength=n_jobs).clamp_min(1)
+        loss = (per_job / n_per_job + cost * bank.sizes()).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            ok = (logits.argmax(1) == targets[jobs]).float()
+            hits += torch.zeros(n_jobs, device=device).index_add_(0, jobs, ok).cpu()
+            counts += torch.bincount(jobs, minlength=n_jobs).cpu().float()
+        if (step + 1) % config.re_check_every and step + 1 != config.re_steps:
+            continue
+        # one check window: keep improved triggers, then move λ (Neural Cleanse's schedule)
+        success = torch.where(counts > 0, hits / counts.clamp_min(1), success)
+        with torch.no_grad():
+            sizes = bank.sizes().cpu()
+            improved = (success >= config.re_success) & (sizes < best_size)
+            if improved.any():
+                state = bank.state_dict()
+                for k in best:
+                    best[k][improved.to(best[k].device)] = state[k][improved.to(state[k].device)]
+                best_size = torch.where(improved, sizes, best_size)
+        reached = success >= config.re_success
+        up = torch.where(reached, up + 1, torch.zeros_like(up))
+        down = torch.where(reached, torch.zeros_like(down), down + 1)
+        raise_cost, lower_cost = up >= config.re_patience, down >= config.re_patience
+        cost = torch.where(raise_cost.to(device), cost * config.re_cost_multiplier, cost)
+        cost = torch.where(lower_cost.to(device), cost / config.re_cost_multiplier ** 1.5, cost)
+        up[raise_cost], down[lower_cost] = 0, 0
+        trace.append({"step": step + 1, "success": success.tolist(), "size": sizes.tolist(),
+                      "cost": cost.cpu().tolist()})
+        bar.set_postfix(reached=f"{int(reached.sum())}/{n_jobs}")
+        hits.zero_(), counts.zero_()
+    reached = torch.isfinite(best_size)
+    with torch.no_grad():
+        final = {k: v.detach().clone() for k, v in bank.state_dict().items()}
+        for k in best:  # jobs that never reached the success rate keep their final trigger
+            keep = reached.to(final[k].device)
+            final[k][keep] = best[k][keep]
+        bank.load_state_dict(final)
+        size = bank.sizes().cpu()
+    for p in bank.parameters():
+        p.requires_grad_(False)
+    return {"size": size, "reached": reached, "success": success, "cost": cost.cpu(), "trace": trace}
+
+
+# --------------------------------------------------------------------------- the transformation h
+class BNATransform(nn.Module):
+    """h(z) = γ·max(min((z − μ)/σ, ω), v) + β per channel; μ, σ, v, ω learnable, γ, β fixed buffers."""
+
+    def __init__(self, channels: int, channel_dim: int = 1, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.channel_dim, self.eps = channels, channel_dim, eps
+        self.mu = nn.Parameter(torch.zeros(channels))
+        self.sigma = nn.Parameter(torch.ones(channels))
+        self.lower = nn.Parameter(torch.full((channels,), -math.inf))
+        self.upper = nn.Parameter(torch.full((channels,), math.inf))
+        self.register_buffer("gamma", torch.ones(channels))
+        self.register_buffer("beta", torch.zeros(channels))
+
+    def _view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[self.channel_dim % ndim] = -1
+        return t.view(shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[self.channel_dim % z.dim()] != self.channels:
+            raise ValueError(f"BNATransform for {self.channels} channels got input of shape {tuple(z.shape)}")
+        v = lambda t: self._view(t.to(z.dtype), z.dim())  # noqa: E731
+        u = (z - v(self.mu)) / v(self.sigma.clamp_min(self.eps))
+        u = torch.maximum(torch.minimum(u, v(self.upper)), v(self.lower))
+        return u * v(self.gamma) + v(self.beta)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, channel_dim={self.channel_dim}"
+
+
+def _channel_dim(ndim: int) -> int:
+    return 2 if ndim == 3 else 1  # token tensors (N, L, D) per feature, everything else per dim 1
+
+
+def find_sites(model: nn.Module, layers: str) -> list[dict]:
+    """[{"module": name, "kind": "batchnorm" | "after"}] in module order, from the model's own modules."""
+    modules = dict(model.named_modules())
+    if layers == "bn":
+        sites = [{"module": n, "kind": "batchnorm"} for n, m in modules.items()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not sites:
+            raise ValueError(f"BNA found no BatchNorm in {type(model).__name__}; name the modules whose outputs "
+                             "should be aligned with --set layers=name1,name2 (a BN-style transform is inserted "
+                             "after each)")
+        return sites
+    names = [n.strip() for n in layers.split(",") if n.strip()]
+    missing = [n for n in names if n not in modules or n == ""]
+    if not names or missing:
+        raise ValueError(f"BNA layers: no module named {', '.join(missing) or repr(layers)} in "
+                         f"{type(model).__name__} (use 'bn' or comma-separated names from model.named_modules())")
+    return [{"module": n, "kind": "batchnorm" if isinstance(modules[n], nn.modules.batchnorm._BatchNorm)
+             else "after"} for n in names]
+
+
+class _Sites:
+    """Forward hooks that route each site through a transform (and optionally record its output)."""
+
+    def __init__(self, model: nn.Module, sites: list[dict]):
+        self.model, self.sites = model, sites
+        self.modules = [model.get_submodule(s["module"]) for s in sites]
+
+    @contextlib.contextmanager
+    def routed(self, transforms, record: list | None = None):
+        handles = []
+        for i, (site, module) in enumerate(zip(self.sites, self.modules)):
+            def hook(mod, args, output, i=i, kind=site["kind"]):
+                z = args[0] if kind == "batchnorm" else output
+                out = transforms[i](z) if transforms is not None else output
+                if record is not None:
+                    record.append((i, out))
+                return out
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# --------------------------------------------------------------------------- the repaired model
+def inference_rule(f_logits: torch.Tensor, g_logits_for, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BNA's test-time rule. g_logits_for(rows, t) gives g(x[rows]|Θ_t) for the rows f sends to t.
+
+    Returns (logits, triggered): f's logits, replaced by g's where f predicts a detected target and g
+    disagrees; triggered marks exactly those rows.
+    """
+    pred = f_logits.argmax(1)
+    logits = f_logits.clone()
+    triggered = torch.zeros_like(pred, dtype=torch.bool)
+    for t in targets:
+        rows = (pred == t).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        g = g_logits_for(rows, t)
+        changed = g.argmax(1) != t
+        logits[rows[changed]] = g[changed].to(logits.dtype)
+        triggered[rows[changed]] = True
+    return logits, triggered
+
+
+class BNAModel(nn.Module):
+    """f with BNA's test-time rule: forward(x) gives the rule's logits; forward(x, return_flags=True) also
+    the per-input "triggered" flags. `g(x, t)` is the aligned classifier g(·|Θ_t)."""
+
+    flags_triggered_inputs = True  # run_defense reports test-set TPR/FPR for such models
+
+    def __init__(self, model: nn.Module, targets: list[int], sites: list[dict], channels: list[int],
+                 channel_dims: list[int]):
+        super().__init__()
+        self.model = model
+        self.targets = [int(t) for t in targets]
+        self.sites = [dict(s) for s in sites]
+        self.channels, self.channel_dims = list(channels), list(channel_dims)
+        self.transforms = nn.ModuleDict({
+            str(t): nn.ModuleList(BNATransform(c, d) for c, d in zip(channels, channel_dims))
+            for t in self.targets})
+        self._hooks = _Sites(model, self.sites)
+
+    def config(self) -> dict:
+        return {"targets": self.targets, "sites": self.sites, "channels": self.channels,
+                "channel_dims": self.channel_dims}
+
+    def g(self, x: torch.Tensor, target: int) -> torch.Tensor:
+        with self._hooks.routed(self.transforms[str(target)]):
+            return self.model(x)
+
+    def forward(self, x: torch.Tensor, return_flags: bool = False):
+        logits, triggered = inference_rule(self.model(x), lambda rows, t: self.g(x[rows], t), self.targets)
+        return (logits, triggered) if return_flags else logits
+
+
+# --------------------------------------------------------------------------- the defense
+@register
+class BNA:
+    name = "bna"
+    Config = BNAConfig
+
+    def __init__(self, histogram=soft_histogram):
+        # The knob exists for the benchmark's dense eager baseline (bench/bench_bna.py).
+        self.histogram = histogram
+
+    def run(self, model: nn.Module, clean: CleanData, config: BNAConfig | None = None, device="cpu",
+            progress: bool = True) -> DefenseResult:
+        config = config or BNAConfig()
+        phases = PhaseRecorder(device)
+        model = model.to(device).eval()
+        requires = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            sites = find_sites(model, config.layers)  # refuse an unusable model before the long detection
+            with phases.phase("detect"):
+                detection = self.detect(model, clean, config, device, progress)
+            report = {"defense": self.name, "config": config_dict(config), "clean_samples": len(clean),
+                      "detection": detection["report"], "detected_targets": detection["targets"]}
+            if not detection["targets"]:
+                report["outcome"] = "no backdoor detected: the model is returned unchanged"
+                report["phases"] = phases.to_dict()
+                plots = {"bna_triggers.png": lambda path: _plot_triggers(detection, clean, path)}
+                return DefenseResult(model, report, [], plots)
+            wrapped, mitigation = self.mitigate(model, clean, sites, detection, config, phases, device, progress)
+        finally:
+            for p, r in zip(model.parameters(), requires):
+                p.requires_grad_(r)
+        report["outcome"] = f"backdoor detected, target class(es) {detection['targets']}: mitigated"
+        report["mitigation"] = mitigation
+        report["phases"] = phases.to_dict()
+        plots = {"bna_triggers.png": lambda path: _plot_triggers(detection, clean, path),
+                 "bna_divergence.png": lambda path: _plot_divergence(mitigation, path)}
+        return DefenseResult(wrapped, report, [], plots, wrapper={"class": "BNAModel", "args": wrapped.config()})
+
+    # ----------------------------------------------------------------- detection
+    def detect(self, model, clean: CleanData, config: BNAConfig, device="cpu", progress=True) -> dict:
+        K = clean.num_classes
+        present = sorted(set(clean.y.tolist()))
+        image_shape = tuple(clean.x.shape[1:])
+        if config.detection == "target":
+            targets = list(range(K))
+            sources = [[s for s in present if s != t] for t in targets]
+            bank = TriggerBank("patch", targets, sources, image_shape, config.seed)
+        else:
+            pairs = [(s, t) for t in range(K) for s in present if s != t]
+            targets, sources = [t for _, t in pairs], [[s] for s, _ in pairs]
+            bank = TriggerBank("perturbation", targets, sources, image_shape, config.seed)
+        result = reverse_engineer(model, clean, bank, config, device, progress)
+        size, reached = result["size"], result["reached"]
+        if config.detection == "target":
+            index = anomaly_index(size, small_is_anomalous=True, consistency=NC_CONSISTENCY)
+        else:
+            index = anomaly_index(1.0 / size.clamp_min(1e-12), small_is_anomalous=False)
+        flagged = (index > config.anomaly_threshold) & reached
+        jobs = [{"target": t, "sources": s, "size": float(size[j]), "reached": bool(reached[j]),
+                 "success": float(result["success"][j]), "anomaly_index": float(index[j]),
+                 "flagged": bool(flagged[j])} for j, (t, s) in enumerate(zip(bank.targets, bank.sources))]
+        detected = sorted({bank.targets[j] for j in flagged.nonzero().flatten().tolist()})
+        sources_of = {t: sorted({s for j in flagged.nonzero().flatten().tolist() if bank.targets[j] == t
+                                 for s in bank.sources[j]}) for t in detected}
+        statistic = "mask L1 norm ‖m‖₁" if config.detection == "target" else "1 / ‖δ‖₂"
+        report = {"mode": config.detection, "statistic": statistic, "threshold": config.anomaly_threshold,
+                  "jobs": jobs, "sources": {str(t): s for t, s in sources_of.items()},
+                  "trace": result["trace"]}
+        return {"targets": detected, "sources": sources_of, "bank": bank, "report": report}
+
+    # ----------------------------------------------------------------- mitigation
+    def mitigate(self, model, clean: CleanData, sites, detection, config, phases, device, progress):
+        hooks = _Sites(model, sites)
+        with phases.phase("bins"):
+            layout = self._clean_layout(model, hooks, clean, config, device)
+        channels = [lo.numel() for lo, _, _ in layout["bins"]]
+        channel_dims = layout["channel_dims"]
+        wrapped = BNAModel(model, detection["targets"], sites, channels, channel_dims).to(device)
+        per_target = {}
+        for t in detection["targets"]:
+            sources = detection["sources"][t]
+            with phases.phase(f"trigger_t{t}"):
+                bank, job, reused = self._trigger_for(model, clean, detection, t, sources, config, device,
+                                                      progress)
+            keep = torch.isin(clean.y, torch.tensor(sources))
+            data_t = CleanData(clean.x[keep], clean.y[keep], clean.num_classes)
+            transforms = wrapped.transforms[str(t)]
+            self._initialise(transforms, hooks, layout, sites, model)
+            with phases.phase(f"align_t{t}"):
+                trace = self._align(model, hooks, transforms, layout, data_t, bank, job, config, device,
+                                    progress, t)
+            for p in transforms.parameters():
+                p.requires_grad_(False)
+            per_target[str(t)] = {"sources": sources, "trigger_reused_from_detection": reused,
+                                  "trigger_size": float(bank.sizes()[job]), "epochs": trace,
+                                  "divergence_per_layer": {
+                                      "before": trace[0]["per_layer"] if trace else [],
+                                      "after": trace[-1]["per_layer"] if trace else []}}
+        mitigation = {"sites": [dict(s, channels=c) for s, c in zip(sites, channels)],
+                      "bins_per_site": [int(sum(b)) for _, _, b in layout["bins"]],
+                      "targets": per_target}
+        return wrapped.eval(), mitigation
+
+    def _trigger_for(self, model, clean, detection, t, sources, config, device, progress):
+        bank = detection["bank"]
+        for j, (tj, sj) in enumerate(zip(bank.targets, bank.sources)):
+            if tj == t and sj == sources:
+                return bank, j, True
+        kind = "patch" if config.detection == "target" else "perturbation"
+        fresh = TriggerBank(kind, [t], [sources], tuple(clean.x.shape[1:]), config.seed + 1)
+        reverse_engineer(model, clean, fresh, config, device, progress, label=f"BNA trigger for class {t}")
+        return fresh, 0, False
+
+    @torch.no_grad()
+    def _clean_layout(self, model, hooks: _Sites, clean: CleanData, config, device) -> dict:
+        """Per-site clean min/max (bins) and mean/std of the site's input (BN) or output (inserted)."""
+        n = len(hooks.sites)
+        lo, hi = [None] * n, [None] * n
+        z_lo, z_hi, s1, s2, cnt = [None] * n, [None] * n, [0] * n, [0] * n, [0] * n
+        dims = [None] * n
+        captured = []
+
+        def grabber(i):
+            def grab(mod, args, output):
+                captured.append((i, args[0] if hooks.sites[i]["kind"] == "batchnorm" else output, output))
+            return grab
+        handles = [m.register_forward_hook(grabber(i)) for i, m in enumerate(hooks.modules)]
+        try:
+            for x, _ in clean.batches(config.batch_size):
+                captured.clear()
+                model(x.to(device))
+                calls = [i for i, _, _ in captured]
+                for i, z, out in captured:
+                    cd = _channel_dim(out.dim())
+                    if calls.count(i) > 1 or (dims[i] is not None and dims[i] != (cd, out.shape[cd])):
+                        raise ValueError(f"BNA site {hooks.sites[i]['module']} is called more than once per "
+                                         "forward or changes shape; name other layers with layers=")
+                    dims[i] = (cd, out.shape[cd])
+                    o = out.movedim(cd, 0).reshape(out.shape[cd], -1).double()
+                    zz = z.movedim(cd, 0).reshape(z.shape[cd], -1).double()
+                    lo[i] = o.amin(1) if lo[i] is None else torch.minimum(lo[i], o.amin(1))
+                    hi[i] = o.amax(1) if hi[i] is None else torch.maximum(hi[i], o.amax(1))
+                    z_lo[i] = zz.amin(1) if z_lo[i] is None else torch.minimum(z_lo[i], zz.amin(1))
+                    z_hi[i] = zz.amax(1) if z_hi[i] is None else torch.maximum(z_hi[i], zz.amax(1))
+                    s1[i] = s1[i] + zz.sum(1)
+                    s2[i] = s2[i] + (zz * zz).sum(1)
+                    cnt[i] += zz.shape[1]
+        finally:
+            for h in handles:
+                h.remove()
+        if any(d is None for d in dims):
+            never = [hooks.sites[i]["module"] for i, d in enumerate(dims) if d is None]
+            raise ValueError(f"BNA sites never called in the forward pass: {', '.join(never)}")
+        bins = []
+        for i in range(n):
+            m = torch.ceil((hi[i] - lo[i]) / config.bin_width).clamp_min(1)
+            bins.append((lo[i].float(), config.bin_width, [int(b) for b in m.tolist()]))
+        mean = [s1[i] / cnt[i] for i in range(n)]
+        std = [((s2[i] / cnt[i]) - mean[i] ** 2).clamp_min(0).sqrt() for i in range(n)]
+        return {"bins": bins, "channel_dims": [d[0] for d in dims], "z_min": z_lo, "z_max": z_hi,
+                "mean": mean, "std": std}
+
+    @torch.no_grad()
+    def _initialise(self, transforms, hooks: _Sites, layout, sites, model):
+        """μ, σ from BN's running statistics (or the clean mean/std), γ, β = BN affine (or that std/mean),
+        v, ω = the normalised clean min/max, so g starts equal to f on the clean range."""
+        for i, (site, module, h) in enumerate(zip(sites, hooks.modules, transforms)):
+            dev = h.mu.device
+            if site["kind"] == "batchnorm" and module.track_running_stats and module.running_mean is not None:
+                mu, sigma = module.running_mean.double(), (module.running_var.double() + module.eps).sqrt()
+            else:
+                mu, sigma = layout["mean"][i], layout["std"][i].clamp_min(1e-5)
+            if site["kind"] == "batchnorm":
+                gamma = module.weight.double() if module.affine else torch.ones_like(mu)
+                beta = module.bias.double() if module.affine else torch.zeros_like(mu)
+            else:
+                gamma, beta = sigma.clone(), mu.clone()
+            h.mu.copy_(mu.to(dev)), h.sigma.copy_(sigma.to(dev))
+            h.gamma.copy_(gamma.to(dev)), h.beta.copy_(beta.to(dev))
+            zmin, zmax = layout["z_min"][i].to(dev), layout["z_max"][i].to(dev)
+            h.lower.copy_((zmin - mu.to(dev)) / sigma.to(dev))
+            h.upper.copy_((zmax - mu.to(dev)) / sigma.to(dev))
+
+    def _histograms(self, outs, layout, config):
+        bins = layout["bins"]
+        return {i: self.histogram(z, bins[i][0].to(z.device), bins[i][1], bins[i][2], config.tau,
+                                  layout["channel_dims"][i]) for i, z in outs}
+
+    @torch.no_grad()
+    def _clean_histograms(self, model, hooks, layout, data: CleanData, config, device) -> list[torch.Tensor]:
+        sums, total = [None] * len(hooks.sites), 0
+        for x, _ in data.batches(config.batch_size):
+            record = []
+            with hooks.routed(None, record):
+                model(x.to(device))
+            for i, h in self._histograms(record, layout, config).items():
+                sums[i] = h * x.shape[0] if sums[i] is None else sums[i] + h * x.shape[0]
+            total += x.shape[0]
+        return [s / total for s in sums]
+
+    def _align(self, model, hooks, transforms, layout, data, bank, job, config, device, progress, t):
+        p = self._clean_histograms(model, hooks, layout, data, config, device)
+        params = [q for h in transforms for q in (h.mu, h.sigma, h.lower, h.upper)]
+        for q in params:
+            q.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=config.lr)
+
+        def divergences(x):
+            record = []
+            with hooks.routed(transforms, record):
+                model(bank.apply(x, torch.full((x.shape[0],), job, device=device)))
+            q = self._histograms(record, layout, config)
+            return torch.stack([f_divergence(p[i], q[i], config.divergence).sum() for i in sorted(q)])
+
+        def measure():
+            with torch.no_grad():
+                total, n = None, 0
+                for x, _ in data.batches(config.batch_size):
+                    d = divergences(x.to(device)) * x.shape[0]
+                    total, n = (d if total is None else total + d), n + x.shape[0]
+                return (total / n).tolist()
+
+        trace = [{"epoch": 0, "per_layer": measure()}]
+        trace[0]["total"] = sum(trace[0]["per_layer"])
+        bar = progress_bar(range(config.epochs), f"BNA align (target {t})", enabled=progress)
+        for epoch in bar:
+            for x, _ in data.batches(config.batch_size, shuffle=True, seed=config.seed + epoch):
+                loss = divergences(x.to(device)).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            per_layer = measure()
+            trace.append({"epoch": epoch + 1, "per_layer": per_layer, "total": sum(per_layer)})
+            bar.set_postfix(divergence=f"{trace[-1]['total']:.3f}")
+        return trace
+
+
+# --------------------------------------------------------------------------- plots
+def _plot_triggers(detection, clean, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bank, jobs = detection["bank"], detection["report"]["jobs"]
+    if bank.kind == "patch":
+        with torch.no_grad():
+            m, p = bank.mask().cpu(), bank.pattern().cpu()
+            images = m * p
+        show = list(range(len(jobs)))
+    else:  # pairs: one perturbation per target, the most anomalous pair of each
+        best = {}
+        for j, job in enumerate(jobs):
+            if job["target"] not in best or job["anomaly_index"] > jobs[best[job["target"]]]["anomaly_index"]:
+                best[job["target"]] = j
+        show = [best[t] for t in sorted(best)]
+        with torch.no_grad():
+            d = bank.delta.detach().cpu()
+            images = (d - d.amin()) / (d.amax() - d.amin()).clamp_min(1e-12)
+    fig, axes = plt.subplots(1, len(show), figsize=(1.6 * len(show) + 1, 2.4), squeeze=False)
+    for ax, j in zip(axes[0], show):
+        img = images[j]
+        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        job = jobs[j]
+        ax.set_title(f"t={job['target']}\nidx {job['anomaly_index']:.1f}", fontsize=8,
+                     color="red" if job["flagged"] else "black")
+        ax.axis("off")
+    kind = "mask ⊙ pattern" if bank.kind == "patch" else "perturbation (rescaled)"
+    fig.suptitle(f"BNA reverse-engineered triggers ({kind}); red = flagged", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_divergence(mitigation, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    targets = mitigation["targets"]
+    names = [s["module"] for s in mitigation["sites"]]
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(6, 0.35 * len(names) + 2) * len(targets), 3.8),
+                             squeeze=False)
+    for ax, (t, info) in zip(axes[0], targets.items()):
+        idx = range(len(names))
+        ax.bar([i - 0.2 for i in idx], info["divergence_per_layer"]["before"], 0.4, label="before alignment")
+        ax.bar([i + 0.2 for i in idx], info["divergence_per_layer"]["after"], 0.4, label="after alignment")
+        ax.set_xticks(list(idx), names, rotation=70, fontsize=7)
+        ax.set_ylabel("Σ over neurons of D(p‖q)")
+        ax.set_title(f"target {t}: clean vs triggered activations per layer", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
