@@ -95,6 +95,19 @@ class BNAConfig:
         return 2.0 if self.detection == "target" else 7.0
 
 
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module):
+    """The model's parameters get no gradients inside the block (BNA never changes them)."""
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+
+
 # --------------------------------------------------------------------------- detection
 def anomaly_index(statistics: torch.Tensor, small_is_anomalous: bool, consistency: float = 1.0) -> torch.Tensor:
     """One-sided MAD anomaly index: deviation from the median towards the suspicious side / (consistency·MAD).
@@ -385,24 +398,17 @@ class BNA:
         config = config or BNAConfig()
         phases = PhaseRecorder(device)
         model = model.to(device).eval()
-        requires = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            sites = find_sites(model, config.layers)  # refuse an unusable model before the long detection
-            with phases.phase("detect"):
-                detection = self.detect(model, clean, config, device, progress)
-            report = {"defense": self.name, "config": config_dict(config), "clean_samples": len(clean),
-                      "detection": detection["report"], "detected_targets": detection["targets"]}
-            if not detection["targets"]:
-                report["outcome"] = "no backdoor detected: the model is returned unchanged"
-                report["phases"] = phases.to_dict()
-                plots = {"bna_triggers.png": lambda path: _plot_triggers(detection, clean, path)}
-                return DefenseResult(model, report, [], plots)
-            wrapped, mitigation = self.mitigate(model, clean, sites, detection, config, phases, device, progress)
-        finally:
-            for p, r in zip(model.parameters(), requires):
-                p.requires_grad_(r)
+        sites = find_sites(model, config.layers)  # refuse an unusable model before the long detection
+        with phases.phase("detect"):
+            detection = self.detect(model, clean, config, device, progress)
+        report = {"defense": self.name, "config": config_dict(config), "clean_samples": len(clean),
+                  "detection": detection["report"], "detected_targets": detection["targets"]}
+        if not detection["targets"]:
+            report["outcome"] = "no backdoor detected: the model is returned unchanged"
+            report["phases"] = phases.to_dict()
+            plots = {"bna_triggers.png": lambda path: _plot_triggers(detection, clean, path)}
+            return DefenseResult(model, report, [], plots)
+        wrapped, mitigation = self.mitigate(model, clean, sites, detection, config, phases, device, progress)
         report["outcome"] = f"backdoor detected, target class(es) {detection['targets']}: mitigated"
         report["mitigation"] = mitigation
         report["phases"] = phases.to_dict()
@@ -412,6 +418,10 @@ class BNA:
 
     # ----------------------------------------------------------------- detection
     def detect(self, model, clean: CleanData, config: BNAConfig, device="cpu", progress=True) -> dict:
+        with frozen_weights(model):
+            return self._detect(model, clean, config, device, progress)
+
+    def _detect(self, model, clean: CleanData, config: BNAConfig, device, progress) -> dict:
         K = clean.num_classes
         present = sorted(set(clean.y.tolist()))
         image_shape = tuple(clean.x.shape[1:])
@@ -444,6 +454,10 @@ class BNA:
 
     # ----------------------------------------------------------------- mitigation
     def mitigate(self, model, clean: CleanData, sites, detection, config, phases, device, progress):
+        with frozen_weights(model):
+            return self._mitigate(model, clean, sites, detection, config, phases, device, progress)
+
+    def _mitigate(self, model, clean: CleanData, sites, detection, config, phases, device, progress):
         hooks = _Sites(model, sites)
         with phases.phase("bins"):
             layout = self._clean_layout(model, hooks, clean, config, device)
@@ -466,7 +480,7 @@ class BNA:
             for p in transforms.parameters():
                 p.requires_grad_(False)
             per_target[str(t)] = {"sources": sources, "trigger_reused_from_detection": reused,
-                                  "trigger_size": float(bank.sizes()[job]), "epochs": trace,
+                                  "trigger_size": float(bank.sizes()[job].detach()), "epochs": trace,
                                   "divergence_per_layer": {
                                       "before": trace[0]["per_layer"] if trace else [],
                                       "after": trace[-1]["per_layer"] if trace else []}}
