@@ -18,4 +18,7 @@ fi
 python3 -m pip install -q --disable-pip-version-check \
   torch==2.13.0 triton==3.6.0 "numpy<2.4" cmake ninja \
   safetensors scikit-learn tqdm matplotlib pillow pytest pytest-benchmark
+# BackPACK (the Fisher tests' peer) declares torchvision, whose PyPI wheel pulls a newer CUDA torch; its
+# SumGradSquared needs neither, so it goes in without dependencies.
+python3 -m pip install -q --disable-pip-version-check --no-deps backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation -e .

@@ -49,13 +49,16 @@ def test_attack_command_on_user_npz(tmp_path, capsys):
 
 
 def test_zoo_command_prints_a_table(tmp_path, capsys):
-    code = main(["zoo", "--data", "digits", "--attacks", "badnets", "blended", "--model", "simple_cnn",
+    code = main(["zoo", "--data", "digits", "--attacks", "badnets", "blended", "clean", "--model", "simple_cnn",
                  "--width", "4", "--epochs", "1", "--out", str(tmp_path), "--quiet"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["attack", "ACC", "ASR", "RA", "time", "(s)"]
-    assert [line.split()[0] for line in lines[1:]] == ["badnets", "blended"]
-    assert len(list(tmp_path.iterdir())) == 2
+    assert [line.split()[0] for line in lines[1:]] == ["badnets", "blended", "clean"]
+    assert lines[3].split()[2:4] == ["–", "–"]  # a clean model has no ASR or RA
+    assert len(list(tmp_path.iterdir())) == 3
+    _, meta = load_checkpoint(next(tmp_path.glob("*-clean-*")))
+    assert meta["attack"] is None and set(meta["metrics"]) == {"acc"}
 
 
 @pytest.mark.parametrize("argv,message", [
