@@ -61,6 +61,7 @@ class BNAConfig:
     threshold: float | None = None  # anomaly-index threshold; None: 2 ("target") or 7 ("pairs")
     re_steps: int = 300  # reverse-engineering optimisation steps
     re_batch_size: int = 32  # clean images per step; each is replicated once per putative target
+    re_max_images: int = 1024  # replicated images per forward pass (a step accumulates over chunks)
     re_lr: float = 0.1
     re_init_cost: float = 1e-3  # λ₀
     re_cost_multiplier: float = 1.5
@@ -81,8 +82,8 @@ class BNAConfig:
             raise ValueError(f"BNA detection must be 'target' or 'pairs', got {self.detection!r}")
         if self.divergence not in ("tv", "js", "kl"):
             raise ValueError(f"BNA divergence must be 'tv', 'js' or 'kl', got {self.divergence!r}")
-        if self.re_steps < 1 or self.re_batch_size < 1 or self.re_check_every < 1 or self.re_patience < 1:
-            raise ValueError("BNA needs re_steps, re_batch_size, re_check_every and re_patience >= 1")
+        if min(self.re_steps, self.re_batch_size, self.re_max_images, self.re_check_every, self.re_patience) < 1:
+            raise ValueError("BNA needs re_steps, re_batch_size, re_max_images, re_check_every and re_patience >= 1")
         if self.epochs < 0 or self.lr <= 0 or self.re_lr <= 0 or self.tau <= 0 or self.bin_width <= 0:
             raise ValueError("BNA needs epochs >= 0 and positive lr, re_lr, tau and bin_width")
         if not 0 < self.re_success <= 1:
@@ -130,15 +131,20 @@ def anomaly_index(statistics: torch.Tensor, small_is_anomalous: bool, consistenc
 class TriggerBank(nn.Module):
     """Jobs j = (target t_j, source classes S_j), one trigger each, optimised together in one batch.
 
-    kind "patch": x' = (1 − m)⊙x + m⊙p, size ‖m‖₁; kind "perturbation": x' = clamp(x + δ, 0, 1), size ‖δ‖₂.
-    Masks and patterns are tanh-parametrised into [0, 1] (Neural Cleanse).
+    kind "patch": x' = (1 − m)⊙x + m⊙p, size ‖m‖₁; kind "perturbation": x' = clamp(x + δ, lo, hi), size ‖δ‖₂.
+    Masks are tanh-parametrised into [0, 1] and patterns into the images' value range [lo, hi] (Neural
+    Cleanse), so inputs normalised other than to [0, 1] work too.
     """
 
-    def __init__(self, kind: str, targets: list[int], sources: list[list[int]], image_shape, seed: int = 0):
+    def __init__(self, kind: str, targets: list[int], sources: list[list[int]], image_shape, seed: int = 0,
+                 value_range: tuple[float, float] = (0.0, 1.0)):
         super().__init__()
         if kind not in ("patch", "perturbation"):
             raise ValueError(f"unknown trigger kind {kind!r}")
+        if not value_range[0] < value_range[1]:
+            raise ValueError(f"trigger value range must be increasing, got {value_range}")
         self.kind, self.targets, self.sources = kind, list(targets), [sorted(s) for s in sources]
+        self.lo, self.hi = float(value_range[0]), float(value_range[1])
         c, h, w = image_shape
         g = torch.Generator().manual_seed(seed)
         n = len(self.targets)
@@ -152,14 +158,14 @@ class TriggerBank(nn.Module):
         return (torch.tanh(self.mask_raw) + 1) / 2
 
     def pattern(self) -> torch.Tensor:
-        return (torch.tanh(self.pattern_raw) + 1) / 2
+        return self.lo + (self.hi - self.lo) * (torch.tanh(self.pattern_raw) + 1) / 2
 
     def apply(self, x: torch.Tensor, jobs: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) with job index per row."""
         if self.kind == "patch":
             m, p = self.mask()[jobs], self.pattern()[jobs]
             return (1 - m) * x + m * p
-        return (x + self.delta[jobs]).clamp(0, 1)
+        return (x + self.delta[jobs]).clamp(self.lo, self.hi)
 
     def sizes(self) -> torch.Tensor:
         if self.kind == "patch":
@@ -174,6 +180,11 @@ class TriggerBank(nn.Module):
             member[j, s] = True
         rows, jobs = member[:, y].T.nonzero(as_tuple=True)
         return rows, jobs
+
+
+def _value_range(clean: CleanData) -> tuple[float, float]:
+    lo, hi = float(clean.x.min()), float(clean.x.max())
+    return (lo, hi) if lo < hi else (lo, lo + 1.0)
 
 
 def reverse_engineer(model: nn.Module, clean: CleanData, bank: TriggerBank, config: BNAConfig, device="cpu",
@@ -203,18 +214,20 @@ def reverse_engineer(model: nn.Module, clean: CleanData, bank: TriggerBank, conf
         if rows.numel() == 0:
             continue
         x, rows, jobs = x.to(device), rows.to(device), jobs.to(device)
-        logits = model(bank.apply(x[rows], jobs))
-        ce = F.cross_entropy(logits, targets[jobs], reduction="none")
-        per_job = torch.zeros(n_jobs, device=device).index_add_(0, jobs, ce)
         n_per_job = torch.bincount(jobs, minlength=n_jobs).clamp_min(1)
-        loss = (per_job / n_per_job + cost * bank.sizes()).sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # Σ_j mean CE_j + λ_j·size_j, accumulated over chunks so memory stays at re_max_images images
+        (cost * bank.sizes()).sum().backward()
+        for start in range(0, rows.numel(), config.re_max_images):
+            r, j = rows[start:start + config.re_max_images], jobs[start:start + config.re_max_images]
+            logits = model(bank.apply(x[r], j))
+            ce = F.cross_entropy(logits, targets[j], reduction="none")
+            (ce / n_per_job[j]).sum().backward()
+            with torch.no_grad():
+                ok = (logits.argmax(1) == targets[j]).float()
+                hits += torch.zeros(n_jobs, device=device).index_add_(0, j, ok).cpu()
+        counts += torch.bincount(jobs, minlength=n_jobs).cpu().float()
         opt.step()
-        with torch.no_grad():
-            ok = (logits.argmax(1) == targets[jobs]).float()
-            hits += torch.zeros(n_jobs, device=device).index_add_(0, jobs, ok).cpu()
-            counts += torch.bincount(jobs, minlength=n_jobs).cpu().float()
         if (step + 1) % config.re_check_every and step + 1 != config.re_steps:
             continue
         # one check window: keep improved triggers, then move λ (Neural Cleanse's schedule)
@@ -418,7 +431,7 @@ class BNA:
 
     # ----------------------------------------------------------------- detection
     def detect(self, model, clean: CleanData, config: BNAConfig, device="cpu", progress=True) -> dict:
-        with frozen_weights(model):
+        with frozen_weights(model.eval()):  # eval: triggered batches must not move BN's running statistics
             return self._detect(model, clean, config, device, progress)
 
     def _detect(self, model, clean: CleanData, config: BNAConfig, device, progress) -> dict:
@@ -428,11 +441,11 @@ class BNA:
         if config.detection == "target":
             targets = list(range(K))
             sources = [[s for s in present if s != t] for t in targets]
-            bank = TriggerBank("patch", targets, sources, image_shape, config.seed)
+            bank = TriggerBank("patch", targets, sources, image_shape, config.seed, _value_range(clean))
         else:
             pairs = [(s, t) for t in range(K) for s in present if s != t]
             targets, sources = [t for _, t in pairs], [[s] for s, _ in pairs]
-            bank = TriggerBank("perturbation", targets, sources, image_shape, config.seed)
+            bank = TriggerBank("perturbation", targets, sources, image_shape, config.seed, _value_range(clean))
         result = reverse_engineer(model, clean, bank, config, device, progress)
         size, reached = result["size"], result["reached"]
         if config.detection == "target":
@@ -454,7 +467,7 @@ class BNA:
 
     # ----------------------------------------------------------------- mitigation
     def mitigate(self, model, clean: CleanData, sites, detection, config, phases, device, progress):
-        with frozen_weights(model):
+        with frozen_weights(model.eval()):
             return self._mitigate(model, clean, sites, detection, config, phases, device, progress)
 
     def _mitigate(self, model, clean: CleanData, sites, detection, config, phases, device, progress):
@@ -495,7 +508,7 @@ class BNA:
             if tj == t and sj == sources:
                 return bank, j, True
         kind = "patch" if config.detection == "target" else "perturbation"
-        fresh = TriggerBank(kind, [t], [sources], tuple(clean.x.shape[1:]), config.seed + 1)
+        fresh = TriggerBank(kind, [t], [sources], tuple(clean.x.shape[1:]), config.seed + 1, _value_range(clean))
         reverse_engineer(model, clean, fresh, config, device, progress, label=f"BNA trigger for class {t}")
         return fresh, 0, False
 
