@@ -223,3 +223,19 @@ def test_defend_cli_runs_bna(tiny_backdoor, tmp_path, capsys):
     assert isinstance(load_repaired(out), BNAModel)
     assert main(["defend", "--method", "bna", "--checkpoint", str(ckpt), "--set", "detection=both"]) == 2
     assert "detection must be" in capsys.readouterr().err
+
+
+def test_chunked_reverse_engineering_matches_one_pass(tiny_backdoor):
+    """re_max_images bounds memory by accumulating the step's gradient over chunks: same optimisation."""
+    from pydefend.defenses.bna import reverse_engineer
+    clean = clean_of(tiny_backdoor)
+    results = []
+    for chunk in (1024, 37):
+        bank = TriggerBank("patch", list(range(10)), [[s for s in range(10) if s != t] for t in range(10)],
+                           (1, 8, 8), seed=3)
+        config = BNAConfig(re_steps=6, re_check_every=3, re_max_images=chunk)
+        out = reverse_engineer(tiny_backdoor["model"], clean, bank, config, progress=False)
+        results.append((bank.mask().detach(), out["success"]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(results[0][1], results[1][1])
+    assert all(p.grad is None for p in tiny_backdoor["model"].parameters())

@@ -194,6 +194,11 @@ def reverse_engineer(model: nn.Module, clean: CleanData, bank: TriggerBank, conf
     Returns {"size": (jobs,) sizes of the kept triggers, "reached": (jobs,) bool, "success": final rates,
     "cost": final λ per job, "trace": per check window}. The bank holds the kept triggers afterwards.
     """
+    with frozen_weights(model):
+        return _reverse_engineer(model, clean, bank, config, device, progress, label)
+
+
+def _reverse_engineer(model, clean, bank, config, device, progress, label) -> dict:
     bank = bank.to(device)
     n_jobs = len(bank.targets)
     targets = torch.tensor(bank.targets, device=device)
