@@ -62,19 +62,34 @@ def test_trigger_bank_applies_each_jobs_trigger():
 
 def test_reverse_engineered_trigger_overlaps_the_true_patch(tiny_backdoor, bna_run):
     report = bna_run.report
-    assert report["detected_targets"] == [0], report["detection"]["jobs"]
-    jobs = report["detection"]["jobs"]
+    assert report["detected_targets"] == [0], report["detection"]
+    assert list(report["detection"]["triggers"]) == ["patch"]
+    jobs = report["detection"]["triggers"]["patch"]["jobs"]
     assert [j["target"] for j in jobs] == list(range(10)) and all(j["sources"] == [s for s in range(10) if s != j["target"]]
                                                                   for j in jobs)
     assert jobs[0]["flagged"] and jobs[0]["anomaly_index"] > report["detection"]["threshold"]
     # the nine strongest mask pixels of target 0 against the attack's own patch
     attack = tiny_backdoor["attack"]
     patch = (attack.apply(torch.zeros(1, 1, 8, 8)) != 0)[0, 0]
-    detection = BNA().detect(tiny_backdoor["model"], clean_of(tiny_backdoor), BNAConfig(), progress=False)
-    mask = detection["bank"].mask()[0, 0].detach()
+    detection = BNA().detect(tiny_backdoor["model"], clean_of(tiny_backdoor), BNAConfig(trigger="patch"),
+                             progress=False)
+    mask = detection["banks"]["patch"].mask()[0, 0].detach()
     top = torch.zeros(64, dtype=torch.bool)
     top[mask.flatten().topk(9).indices] = True
     assert (top.view(8, 8) & patch).sum() >= 6, mask
+
+
+def test_both_trigger_kinds_flag_with_either(tiny_backdoor):
+    detection = BNA().detect(tiny_backdoor["model"], clean_of(tiny_backdoor), BNAConfig(trigger="both"),
+                             progress=False)
+    triggers = detection["report"]["triggers"]
+    assert list(triggers) == ["patch", "perturbation"] and list(detection["banks"]) == ["patch", "perturbation"]
+    flagged = {kind: {j["target"]: j["anomaly_index"] for j in t["jobs"] if j["flagged"]} for kind, t in triggers.items()}
+    assert detection["targets"] == sorted(set(flagged["patch"]) | set(flagged["perturbation"])) and 0 in detection["targets"]
+    for t in detection["targets"]:
+        kind = detection["kinds"][t]
+        other = "perturbation" if kind == "patch" else "patch"
+        assert flagged[kind][t] >= flagged[other].get(t, -math.inf)
 
 
 def test_nothing_detected_returns_the_model_unchanged(tiny_backdoor):
@@ -93,6 +108,7 @@ def test_backdoor_removed_and_divergence_decreases(tiny_backdoor, bna_run):
     assert after["acc"] > before["acc"] - 0.05 and after["ra"] > 0.5, (before, after)
     info = bna_run.report["mitigation"]["targets"]["0"]
     assert info["trigger_reused_from_detection"] and info["sources"] == list(range(1, 10))
+    assert info["trigger"] == bna_run.report["detection"]["trigger_used"]["0"]
     totals = [e["total"] for e in info["epochs"]]
     assert len(totals) == BNAConfig().epochs + 1 and totals[-1] < 0.8 * totals[0], totals
     assert set(bna_run.report["phases"]) >= {"detect", "bins", "align_t0"}
@@ -174,10 +190,10 @@ def test_round_trip_gives_identical_outputs_and_flags(tiny_backdoor, bna_run, tm
 def test_pairs_detection_mode_scores_every_class_pair(tiny_backdoor):
     config = BNAConfig(detection="pairs", re_steps=12, re_batch_size=16)
     detection = BNA().detect(tiny_backdoor["model"], clean_of(tiny_backdoor), config, progress=False)
-    jobs = detection["report"]["jobs"]
+    jobs = detection["report"]["triggers"]["perturbation"]["jobs"]
     assert len(jobs) == 90 and {(j["target"], j["sources"][0]) for j in jobs} == {
         (t, s) for t in range(10) for s in range(10) if s != t}
-    assert detection["report"]["threshold"] == 7.0 and detection["bank"].kind == "perturbation"
+    assert detection["report"]["threshold"] == 7.0 and list(detection["banks"]) == ["perturbation"]
     assert all(math.isfinite(j["size"]) for j in jobs)
 
 
@@ -192,7 +208,7 @@ def test_inserted_transforms_on_a_model_without_batchnorm():
     assert sites == [{"module": "2", "kind": "after"}]
     clean = CleanData(torch.rand(40, 1, 4, 4), torch.arange(40) % 3, 3)
     bank = TriggerBank("patch", [0], [[1, 2]], (1, 4, 4))
-    detection = {"targets": [0], "sources": {0: [1, 2]}, "bank": bank}
+    detection = {"targets": [0], "sources": {0: [1, 2]}, "kinds": {0: "patch"}, "banks": {"patch": bank}}
     from pydefend.monitor import PhaseRecorder
     wrapped, mitigation = BNA().mitigate(mlp, clean, sites, detection, BNAConfig(epochs=2, batch_size=16),
                                          PhaseRecorder(), "cpu", False)
@@ -221,8 +237,8 @@ def test_defend_cli_runs_bna(tiny_backdoor, tmp_path, capsys):
     assert set(report["metrics"]["test_time_detection"]) == {"tpr", "fpr"}
     assert report["plots"] == ["bna_triggers.png", "bna_divergence.png"]
     assert isinstance(load_repaired(out), BNAModel)
-    assert main(["defend", "--method", "bna", "--checkpoint", str(ckpt), "--set", "detection=both"]) == 2
-    assert "detection must be" in capsys.readouterr().err
+    assert main(["defend", "--method", "bna", "--checkpoint", str(ckpt), "--set", "trigger=blend"]) == 2
+    assert "trigger must be" in capsys.readouterr().err
 
 
 def test_chunked_reverse_engineering_matches_one_pass(tiny_backdoor):

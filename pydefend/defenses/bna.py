@@ -1,26 +1,33 @@
 """BNA: backdoor mitigation by distribution alignment (shared/papers/bna.txt, §4.1-4.2, §5.1, appendices 8, 10).
 
 Detection before mitigation:
-1. Reverse-engineer a trigger for every putative target class t and score it.
-   Default (`detection="target"`, Neural Cleanse): x' = (1 − m)⊙x + m⊙p with
-   mask m ∈ [0,1]^{H×W} and pattern p ∈ [0,1]^{C×H×W}, minimising
-   CE(f(x'), t) + λ‖m‖₁ on the defender's clean images of the other classes;
-   statistic ‖m‖₁. Option `detection="pairs"` (§4.1, after Xiang et al.): an
-   additive perturbation δ per ordered class pair (s, t), minimising
-   CE(f(clip(x + δ)), t) + λ‖δ‖₂ on class-s images; statistic 1/‖δ‖₂.
-   λ follows Neural Cleanse's schedule (×1.5 after `re_patience` successful
-   check windows in a row, ÷1.5^1.5 after as many failed ones); the kept
-   trigger is the smallest one whose success rate reached `re_success`.
-2. MAD anomaly index, one-sided (small triggers are suspicious): for the
-   per-target masks (s = ‖m‖₁) index = (median − s)/(1.4826·MAD), flagged
-   above 2 (Neural Cleanse's rule); for pairs (s = 1/‖δ‖₂) index =
-   (s − median)/MAD, flagged above 7 (the paper's 7-MAD rule). A trigger that
-   never reached the success rate is never flagged. Nothing flagged: the
-   model is returned unchanged and the report says so.
+1. Reverse-engineer a trigger for every putative target class t
+   (`detection="target"`, Neural Cleanse's per-target search, on the
+   defender's clean images of all other classes) or for every ordered class
+   pair (s, t) (`detection="pairs"`, §4.1 after Xiang et al., on class-s
+   images). A trigger is a patch, x' = (1 − m)⊙x + m⊙p with mask m and
+   pattern p, fitted by CE(f(x'), t) + λ‖m‖₁ (Neural Cleanse; the paper's
+   choice for patch triggers), or an additive perturbation,
+   x' = clip(x + δ), fitted by CE + λ‖δ‖₂ (the paper's choice for blended and
+   other perturbation triggers). `trigger="auto"` (default) searches patches
+   per target (Neural Cleanse) and perturbations per pair (the paper's
+   option); a defender who does not know the attacker's kind can ask for
+   `trigger="both"`, which flags a class when either search flags it (at the
+   price of either search's false positives). λ follows Neural Cleanse's schedule (×1.5
+   after `re_patience` successful check windows in a row, ÷1.5^1.5 after as
+   many failed ones); the kept trigger is the smallest one whose success rate
+   reached `re_success`.
+2. MAD anomaly index, one-sided (small triggers are suspicious): per target
+   (s = trigger size) index = (median − s)/(1.4826·MAD), flagged above 2
+   (Neural Cleanse's rule); per pair (s = 1/size, the paper's statistic)
+   index = (s − median)/MAD, flagged above 7 (the paper's 7-MAD rule). A
+   trigger that never reached the success rate is never flagged. Nothing
+   flagged: the model is returned unchanged and the report says so.
 Mitigation, per detected target t:
-3. Re-estimate the trigger on the images of all detected source classes
-   Ŝ(t). Per-target detection already estimated it on every other class, so
-   when Ŝ(t) is all of them that trigger is reused.
+3. Re-estimate the trigger (of the kind that flagged t most strongly) on the
+   images of all detected source classes Ŝ(t). Per-target detection already
+   estimated it on every other class, so when Ŝ(t) is all of them that
+   trigger is reused.
 4. Every BatchNorm becomes h(z) = γ·max(min((z − μ)/σ, ω), v) + β (eq. 4,
    with BN's own affine kept as the paper does when a neuron is followed by
    a BN): μ, σ start at the running statistics, v, ω at the normalised clean
@@ -57,7 +64,8 @@ NC_CONSISTENCY = 1.4826  # MAD of a normal sample · 1.4826 ≈ its standard dev
 
 @dataclass
 class BNAConfig:
-    detection: str = "target"  # "target": a mask + pattern per target (Neural Cleanse); "pairs": δ per (s, t)
+    detection: str = "target"  # "target": one trigger per putative target class; "pairs": one per (s, t)
+    trigger: str = "auto"  # "patch", "perturbation", "both" (flag with either); auto: patch per target, δ per pair
     threshold: float | None = None  # anomaly-index threshold; None: 2 ("target") or 7 ("pairs")
     re_steps: int = 300  # reverse-engineering optimisation steps
     re_batch_size: int = 32  # clean images per step; each is replicated once per putative target
@@ -80,6 +88,8 @@ class BNAConfig:
     def __post_init__(self):
         if self.detection not in ("target", "pairs"):
             raise ValueError(f"BNA detection must be 'target' or 'pairs', got {self.detection!r}")
+        if self.trigger not in ("auto", "patch", "perturbation", "both"):
+            raise ValueError(f"BNA trigger must be 'auto', 'patch', 'perturbation' or 'both', got {self.trigger!r}")
         if self.divergence not in ("tv", "js", "kl"):
             raise ValueError(f"BNA divergence must be 'tv', 'js' or 'kl', got {self.divergence!r}")
         if min(self.re_steps, self.re_batch_size, self.re_max_images, self.re_check_every, self.re_patience) < 1:
@@ -88,6 +98,12 @@ class BNAConfig:
             raise ValueError("BNA needs epochs >= 0 and positive lr, re_lr, tau and bin_width")
         if not 0 < self.re_success <= 1:
             raise ValueError(f"BNA re_success must be in (0, 1], got {self.re_success}")
+
+    @property
+    def trigger_kinds(self) -> list[str]:
+        if self.trigger == "auto":
+            return ["patch"] if self.detection == "target" else ["perturbation"]
+        return ["patch", "perturbation"] if self.trigger == "both" else [self.trigger]
 
     @property
     def anomaly_threshold(self) -> float:
@@ -440,35 +456,43 @@ class BNA:
             return self._detect(model, clean, config, device, progress)
 
     def _detect(self, model, clean: CleanData, config: BNAConfig, device, progress) -> dict:
-        K = clean.num_classes
         present = sorted(set(clean.y.tolist()))
-        image_shape = tuple(clean.x.shape[1:])
         if config.detection == "target":
-            targets = list(range(K))
+            targets = list(range(clean.num_classes))
             sources = [[s for s in present if s != t] for t in targets]
-            bank = TriggerBank("patch", targets, sources, image_shape, config.seed, _value_range(clean))
         else:
-            pairs = [(s, t) for t in range(K) for s in present if s != t]
+            pairs = [(s, t) for t in range(clean.num_classes) for s in present if s != t]
             targets, sources = [t for _, t in pairs], [[s] for s, _ in pairs]
-            bank = TriggerBank("perturbation", targets, sources, image_shape, config.seed, _value_range(clean))
-        result = reverse_engineer(model, clean, bank, config, device, progress)
-        size, reached = result["size"], result["reached"]
-        if config.detection == "target":
-            index = anomaly_index(size, small_is_anomalous=True, consistency=NC_CONSISTENCY)
-        else:
-            index = anomaly_index(1.0 / size.clamp_min(1e-12), small_is_anomalous=False)
-        flagged = (index > config.anomaly_threshold) & reached
-        jobs = [{"target": t, "sources": s, "size": float(size[j]), "reached": bool(reached[j]),
-                 "success": float(result["success"][j]), "anomaly_index": float(index[j]),
-                 "flagged": bool(flagged[j])} for j, (t, s) in enumerate(zip(bank.targets, bank.sources))]
-        detected = sorted({bank.targets[j] for j in flagged.nonzero().flatten().tolist()})
-        sources_of = {t: sorted({s for j in flagged.nonzero().flatten().tolist() if bank.targets[j] == t
-                                 for s in bank.sources[j]}) for t in detected}
-        statistic = "mask L1 norm ‖m‖₁" if config.detection == "target" else "1 / ‖δ‖₂"
-        report = {"mode": config.detection, "statistic": statistic, "threshold": config.anomaly_threshold,
-                  "jobs": jobs, "sources": {str(t): s for t, s in sources_of.items()},
-                  "trace": result["trace"]}
-        return {"targets": detected, "sources": sources_of, "bank": bank, "report": report}
+        banks, by_kind, best = {}, {}, {}  # best[t] = (anomaly index, kind) of t's most anomalous flagged job
+        for kind in config.trigger_kinds:
+            bank = TriggerBank(kind, targets, sources, tuple(clean.x.shape[1:]), config.seed, _value_range(clean))
+            result = reverse_engineer(model, clean, bank, config, device, progress,
+                                      label=f"BNA reverse-engineer ({kind})")
+            size, reached = result["size"], result["reached"]
+            if config.detection == "target":
+                index = anomaly_index(size, small_is_anomalous=True, consistency=NC_CONSISTENCY)
+            else:  # the paper's statistic: the reciprocal of the trigger size
+                index = anomaly_index(1.0 / size.clamp_min(1e-12), small_is_anomalous=False)
+            flagged = (index > config.anomaly_threshold) & reached
+            jobs = [{"target": t, "sources": s, "size": float(size[j]), "reached": bool(reached[j]),
+                     "success": float(result["success"][j]), "anomaly_index": float(index[j]),
+                     "flagged": bool(flagged[j])} for j, (t, s) in enumerate(zip(bank.targets, bank.sources))]
+            for job in jobs:
+                if job["flagged"] and job["anomaly_index"] > best.get(job["target"], (-math.inf, None))[0]:
+                    best[job["target"]] = (job["anomaly_index"], kind)
+            size_name = "‖m‖₁ (mask)" if kind == "patch" else "‖δ‖₂"
+            banks[kind] = bank
+            by_kind[kind] = {"statistic": size_name if config.detection == "target" else f"1 / {size_name}",
+                             "jobs": jobs, "trace": result["trace"]}
+        detected = sorted(best)
+        # mitigation uses the trigger kind that flagged t most strongly, on all sources flagged with it
+        kind_of = {t: best[t][1] for t in detected}
+        sources_of = {t: sorted({s for job in by_kind[kind_of[t]]["jobs"] if job["flagged"] and job["target"] == t
+                                 for s in job["sources"]}) for t in detected}
+        report = {"mode": config.detection, "threshold": config.anomaly_threshold, "triggers": by_kind,
+                  "sources": {str(t): s for t, s in sources_of.items()},
+                  "trigger_used": {str(t): k for t, k in kind_of.items()}}
+        return {"targets": detected, "sources": sources_of, "kinds": kind_of, "banks": banks, "report": report}
 
     # ----------------------------------------------------------------- mitigation
     def mitigate(self, model, clean: CleanData, sites, detection, config, phases, device, progress):
@@ -497,7 +521,8 @@ class BNA:
                                     progress, t)
             for p in transforms.parameters():
                 p.requires_grad_(False)
-            per_target[str(t)] = {"sources": sources, "trigger_reused_from_detection": reused,
+            per_target[str(t)] = {"sources": sources, "trigger": detection["kinds"][t],
+                                  "trigger_reused_from_detection": reused,
                                   "trigger_size": float(bank.sizes()[job].detach()), "epochs": trace,
                                   "divergence_per_layer": {
                                       "before": trace[0]["per_layer"] if trace else [],
@@ -508,11 +533,11 @@ class BNA:
         return wrapped.eval(), mitigation
 
     def _trigger_for(self, model, clean, detection, t, sources, config, device, progress):
-        bank = detection["bank"]
+        kind = detection["kinds"][t]
+        bank = detection["banks"][kind]
         for j, (tj, sj) in enumerate(zip(bank.targets, bank.sources)):
             if tj == t and sj == sources:
                 return bank, j, True
-        kind = "patch" if config.detection == "target" else "perturbation"
         fresh = TriggerBank(kind, [t], [sources], tuple(clean.x.shape[1:]), config.seed + 1, _value_range(clean))
         reverse_engineer(model, clean, fresh, config, device, progress, label=f"BNA trigger for class {t}")
         return fresh, 0, False
@@ -646,31 +671,32 @@ def _plot_triggers(detection, clean, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    bank, jobs = detection["bank"], detection["report"]["jobs"]
-    if bank.kind == "patch":
+    kinds = list(detection["banks"])
+    rows = []
+    for kind in kinds:
+        bank, jobs = detection["banks"][kind], detection["report"]["triggers"][kind]["jobs"]
         with torch.no_grad():
-            m, p = bank.mask().cpu(), bank.pattern().cpu()
-            images = m * p
-        show = list(range(len(jobs)))
-    else:  # pairs: one perturbation per target, the most anomalous pair of each
-        best = {}
+            if kind == "patch":
+                images = (bank.mask() * (bank.pattern() - bank.lo) / (bank.hi - bank.lo)).cpu()
+            else:
+                d = bank.delta.detach().cpu()
+                images = (d - d.amin()) / (d.amax() - d.amin()).clamp_min(1e-12)
+        best = {}  # per target, its most anomalous job (there are several in pairs mode)
         for j, job in enumerate(jobs):
             if job["target"] not in best or job["anomaly_index"] > jobs[best[job["target"]]]["anomaly_index"]:
                 best[job["target"]] = j
-        show = [best[t] for t in sorted(best)]
-        with torch.no_grad():
-            d = bank.delta.detach().cpu()
-            images = (d - d.amin()) / (d.amax() - d.amin()).clamp_min(1e-12)
-    fig, axes = plt.subplots(1, len(show), figsize=(1.6 * len(show) + 1, 2.4), squeeze=False)
-    for ax, j in zip(axes[0], show):
-        img = images[j]
-        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-        job = jobs[j]
-        ax.set_title(f"t={job['target']}\nidx {job['anomaly_index']:.1f}", fontsize=8,
-                     color="red" if job["flagged"] else "black")
-        ax.axis("off")
-    kind = "mask ⊙ pattern" if bank.kind == "patch" else "perturbation (rescaled)"
-    fig.suptitle(f"BNA reverse-engineered triggers ({kind}); red = flagged", fontsize=9)
+        rows.append((kind, [(images[best[t]], jobs[best[t]]) for t in sorted(best)]))
+    cols = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols + 1, 2.4 * len(rows)), squeeze=False)
+    for r, (kind, cells) in enumerate(rows):
+        for ax, (img, job) in zip(axes[r], cells):
+            ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{kind[:5]} t={job['target']}\nidx {job['anomaly_index']:.1f}", fontsize=8,
+                         color="red" if job["flagged"] else "black")
+        for ax in axes[r]:
+            ax.axis("off")
+    fig.suptitle("BNA reverse-engineered triggers (patch: mask ⊙ pattern; perturbation: δ rescaled); "
+                 "red = flagged", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
