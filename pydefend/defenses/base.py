@@ -9,6 +9,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..train import random_crop
+
 
 @dataclass
 class CleanData:
@@ -48,6 +50,26 @@ class CleanData:
         while True:
             yield from self.batches(batch_size, shuffle=True, seed=seed + epoch)
             epoch += 1
+
+
+AUGMENTATIONS = ("none", "crop", "crop+flip")
+
+
+def augmented(batches: Iterator[tuple], mode: str, generator: torch.Generator) -> Iterator[tuple]:
+    """Image batches with BackdoorBench's training augmentation, as the authors' fine-tuning sees them.
+
+    "crop": a random shift of up to H/8 pixels after zero padding (4 at CIFAR's 32×32); "crop+flip" adds a
+    horizontal flip with probability 1/2; "none" passes batches through.
+    """
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {mode!r}")
+    for x, y in batches:
+        if mode != "none" and x.dim() == 4:
+            x = random_crop(x, max(1, x.shape[-2] // 8), generator)
+            if mode == "crop+flip":
+                flip = torch.rand(x.shape[0], generator=generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        yield x, y
 
 
 @dataclass

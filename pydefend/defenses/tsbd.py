@@ -58,7 +58,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..monitor import PhaseRecorder
 from ..ops.neuron_l1 import CONV_TYPES, neuron_l1_change, select_and_zero
 from ..progress import progress_bar
-from .base import CleanData, DefenseResult, accuracy, config_dict, register
+from .base import AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, register
 
 LAYER_TYPES = {"conv": CONV_TYPES, "linear": (nn.Linear,), "conv+linear": CONV_TYPES + (nn.Linear,)}
 
@@ -77,6 +77,11 @@ class TSBDConfig:
     finetune_epochs: int = 20
     finetune_lr: float = 0.01
     finetune_momentum: float = 0.9
+    # "Other settings ... following the default BackdoorBench configuration" (paper §5.1): its fine-tuning
+    # augments (random crop, and a horizontal flip on CIFAR), decays weights by 5e-4 and anneals lr on a cosine.
+    finetune_augment: str = "crop"  # "none", "crop" or "crop+flip" (flips only where they keep labels)
+    finetune_weight_decay: float = 5e-4
+    finetune_schedule: str = "cosine"  # "cosine" or "constant"
     r: float = 0.05
     alpha: float = 0.7
     perturb_norm: str = "global"  # "global" (paper) or "per_tensor" (authors' code)
@@ -86,6 +91,7 @@ class TSBDConfig:
 
     def __post_init__(self):
         choices = {"unlearn_check": ("batch", "epoch"), "layers": tuple(LAYER_TYPES),
+                   "finetune_augment": AUGMENTATIONS, "finetune_schedule": ("cosine", "constant"),
                    "selection": ("global", "per_neuron"), "perturb_norm": ("global", "per_tensor")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -297,13 +303,18 @@ class TSBD:
         params = [p for p in model.parameters() if p.is_floating_point()]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.SGD(params, lr=config.finetune_lr, momentum=config.finetune_momentum)
+        opt = torch.optim.SGD(params, lr=config.finetune_lr, momentum=config.finetune_momentum,
+                              weight_decay=config.finetune_weight_decay)
+        schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, config.finetune_epochs))
+                    if config.finetune_schedule == "cosine" else None)
         step = self.step_class(model, opt, config.r, config.alpha, config.perturb_norm)
+        generator = torch.Generator().manual_seed(config.seed)
         epochs = []
         bar = progress_bar(range(config.finetune_epochs), "TSBD fine-tune", enabled=progress)
         for epoch in bar:
             total_loss, correct, seen = 0.0, 0, 0
-            for x, y in clean.batches(config.batch_size, shuffle=True, seed=config.seed + 10_000 + epoch):
+            batches = clean.batches(config.batch_size, shuffle=True, seed=config.seed + 10_000 + epoch)
+            for x, y in augmented(batches, config.finetune_augment, generator):
                 if x.shape[0] < 2:  # BatchNorm in train mode cannot normalise a single sample
                     continue
                 loss, right = step(x.to(device), y.to(device))
@@ -311,7 +322,9 @@ class TSBD:
                 correct += right
                 seen += x.shape[0]
             epochs.append({"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
-                           "train_accuracy": correct / max(seen, 1)})
+                           "train_accuracy": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"]})
+            if schedule is not None:
+                schedule.step()
             bar.set_postfix(loss=f"{epochs[-1]['loss']:.3f}", acc=f"{epochs[-1]['train_accuracy']:.3f}")
         del step, opt
         return {"epochs": epochs, "accuracy": accuracy(model.eval(), clean, device=device)}

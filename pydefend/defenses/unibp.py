@@ -63,7 +63,7 @@ from torch import nn
 from ..monitor import PhaseRecorder
 from ..ops.diag_fisher import DiagFisher
 from ..progress import progress_bar
-from .base import CleanData, DefenseResult, accuracy, config_dict, register
+from .base import AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, register
 
 _BN = nn.modules.batchnorm._BatchNorm
 _NORMS = (_BN, nn.LayerNorm)
@@ -85,6 +85,9 @@ class UniBPConfig:
     rectify_lr: float = 0.002
     rectify_params: str = "all"  # train all of θ′ ("all") or only the norm affine ("norm")
     epochs: int = 20  # masked-gradient fine-tuning
+    # appendix A.5: "standard data augmentation (random horizontal flip and random crop)"; flips only where
+    # they keep labels (not digits or text), so the default crops
+    finetune_augment: str = "crop"  # "none", "crop" or "crop+flip"
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -98,6 +101,9 @@ class UniBPConfig:
             raise ValueError(f"UniBP mask_params must be 'affine' or 'weight', got {self.mask_params!r}")
         if self.base not in ("backdoored", "rectified"):
             raise ValueError(f"UniBP base must be 'backdoored' or 'rectified', got {self.base!r}")
+        if self.finetune_augment not in AUGMENTATIONS:
+            raise ValueError(f"UniBP finetune_augment must be one of {', '.join(AUGMENTATIONS)}, "
+                             f"got {self.finetune_augment!r}")
         if self.rectify_params not in ("all", "norm"):
             raise ValueError(f"UniBP rectify_params must be 'all' or 'norm', got {self.rectify_params!r}")
         if not 0 <= self.ratio <= 1 or (self.k is not None and self.k < 0):
@@ -487,11 +493,13 @@ def finetune(model: nn.Module, mask: dict, clean: CleanData, config: UniBPConfig
     opt = torch.optim.SGD(params.values(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     model.train()
     trace = []
+    generator = torch.Generator().manual_seed(config.seed)
     try:
         bar = progress_bar(range(config.epochs), "UniBP fine-tune", enabled=progress)
         for epoch in bar:
             total = correct = loss_sum = 0
-            for x, y in clean.batches(config.batch_size, shuffle=True, seed=config.seed + 1000 + epoch):
+            batches = clean.batches(config.batch_size, shuffle=True, seed=config.seed + 1000 + epoch)
+            for x, y in augmented(batches, config.finetune_augment, generator):
                 x, y = x.to(device, dtype), y.to(device)
                 out = model(x)
                 loss = F.cross_entropy(out, y)
