@@ -4,9 +4,10 @@ One reset + rectification per attack (its Fisher is the one the default run uses
 deterministic), then mask / prune / fine-tune / evaluate for each K. The default row's time is
 reset + rectify + mask + fine-tune, as in `UniBP.run`.
 
-    PYDEFEND_ZOO=/work/zoo OMP_NUM_THREADS=1 python results/unibp_acceptance.py [--ratios 0.03,0.07,0.15] badnets ...
+    PYDEFEND_ZOO=/work/zoo OMP_NUM_THREADS=1 python results/unibp_acceptance.py [--ratios 0.03,0.07,0.15] \
+        [--augment crop,crop+flip] badnets ...
 
-Appends one JSON line per (attack, K) to results/runs/unibp.jsonl.
+Appends one JSON line per (attack, K, fine-tuning augmentation) to results/runs/unibp.jsonl.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pydefend.zoo import attack_from_meta, zoo_dir
 RATIOS = (0.03, 0.07, 0.15)  # 0.03 is the default
 
 
-def main(attacks, ratios=RATIOS):
+def main(attacks, ratios=RATIOS, augments=("crop",)):
     out = Path(__file__).resolve().parent / "runs"
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset("fashion_mnist")
@@ -42,15 +43,15 @@ def main(attacks, ratios=RATIOS):
         prime, refs = UniBP.reset(model, clean, base, "cpu")
         scores, _ = UniBP().rectify(prime, refs, clean, base, "cpu")
         rectify_s = time.perf_counter() - start
-        for ratio in ratios:
-            config = UniBPConfig(ratio=ratio)
+        for ratio, augment in [(r, a) for r in ratios for a in augments]:
+            config = UniBPConfig(ratio=ratio, finetune_augment=augment)
             start = time.perf_counter()
             mask, k = select_mask(model, scores, config)
             pruned = prune(model, mask, config, "cpu")
             finetune(pruned, mask, clean, config, "cpu")
             finetune_s = time.perf_counter() - start
             after = evaluate(pruned, dataset, attack)
-            row = {"attack": name, "ratio": ratio, "k": k, "affine": sum(s.numel() for s in scores.values()),
+            row = {"attack": name, "ratio": ratio, "finetune_augment": augment, "k": k, "affine": sum(s.numel() for s in scores.values()),
                    "clean": len(clean), "before": before, "after": after,
                    "der": defense_effectiveness_rating(before, after),
                    "seconds": {"reset_rectify": round(rectify_s, 1), "mask_finetune": round(finetune_s, 1)}}
@@ -60,7 +61,11 @@ def main(attacks, ratios=RATIOS):
 
 
 if __name__ == "__main__":
-    argv, ratios = sys.argv[1:], RATIOS
-    if argv[:1] == ["--ratios"]:
-        ratios, argv = tuple(float(r) for r in argv[1].split(",")), argv[2:]
-    main(argv or ["badnets", "blended", "sig", "wanet"], ratios)
+    argv, ratios, augments = sys.argv[1:], RATIOS, ("crop",)
+    while argv[:1] in (["--ratios"], ["--augment"]):
+        if argv[0] == "--ratios":
+            ratios = tuple(float(r) for r in argv[1].split(","))
+        else:
+            augments = tuple(argv[1].split(","))
+        argv = argv[2:]
+    main(argv or ["badnets", "blended", "sig", "wanet"], ratios, augments)
