@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from pydefend import BackendUnavailable, use_backend
-from pydefend.ops import channel_clip as cc
 from pydefend.ops.channel_clip import ChannelClip, channel_clip, channel_clip_reference
 
 CPU_BACKENDS = ["cpp", "reference"]

@@ -30,7 +30,6 @@ two-pass 16-bit radix select over |ΔW| recomputed block by block.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Mapping, Sequence, Union
