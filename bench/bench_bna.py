@@ -89,7 +89,7 @@ def child(args):
     def align(images):
         defense._initialise(transforms, hooks, layout, sites, model)
         return defense._align(model, hooks, transforms, layout, images, bank, 0, config, args.device, False,
-                              TARGET)
+                              TARGET)["epochs"]
 
     # warm-up on 2 images: loads kernels without raising the process's memory baseline
     align(CleanData(data.x[:2], data.y[:2], data.num_classes))

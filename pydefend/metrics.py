@@ -84,8 +84,9 @@ def detection_rates(model: nn.Module, dataset: Dataset, attack: Attack | None, b
                     device="cpu") -> dict:
     """Test-time trigger detection by a model whose forward(x, return_flags=True) gives (logits, flags).
 
-    FPR: clean test images flagged. TPR: triggered test images (those counted for ASR) flagged; absent
-    without an attack.
+    TPR: triggered test images (those counted for ASR) flagged; absent without an attack. FPR (BNA §5.4):
+    clean test images of the model's detected target classes (`model.targets`) flagged; fpr_all: any clean
+    test image flagged (only images predicted as a target can be).
     """
     def flagged(x, transform=None):
         out = []
@@ -97,7 +98,12 @@ def detection_rates(model: nn.Module, dataset: Dataset, attack: Attack | None, b
     was_training = model.training
     model.eval()
     try:
-        rates = {"fpr": flagged(dataset.x_test).double().mean().item()}
+        clean_flags = flagged(dataset.x_test)
+        rates = {"fpr_all": clean_flags.double().mean().item()}
+        targets = torch.as_tensor(list(getattr(model, "targets", [])), dtype=dataset.y_test.dtype)
+        of_targets = torch.isin(dataset.y_test, targets)
+        if of_targets.any():
+            rates["fpr"] = clean_flags[of_targets].double().mean().item()
         if attack is not None:
             mask = attack.evaluation_mask(dataset.y_test)
             rates["tpr"] = flagged(dataset.x_test[mask], attack.apply).double().mean().item()

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,10 @@ class BNAConfig:
             raise ValueError(f"BNA trigger must be 'auto', 'patch', 'perturbation' or 'both', got {self.trigger!r}")
         if self.divergence not in ("tv", "js", "kl"):
             raise ValueError(f"BNA divergence must be 'tv', 'js' or 'kl', got {self.divergence!r}")
-        if min(self.re_steps, self.re_batch_size, self.re_max_images, self.re_check_every, self.re_patience) < 1:
-            raise ValueError("BNA needs re_steps, re_batch_size, re_max_images, re_check_every and re_patience >= 1")
+        if min(self.re_steps, self.re_batch_size, self.re_max_images, self.re_check_every, self.re_patience,
+               self.batch_size) < 1:
+            raise ValueError("BNA needs re_steps, re_batch_size, re_max_images, re_check_every, re_patience and "
+                             "batch_size >= 1")
         if self.epochs < 0 or self.lr <= 0 or self.re_lr <= 0 or self.tau <= 0 or self.bin_width <= 0:
             raise ValueError("BNA needs epochs >= 0 and positive lr, re_lr, tau and bin_width")
         if not 0 < self.re_success <= 1:
@@ -133,8 +136,8 @@ def anomaly_index(statistics: torch.Tensor, small_is_anomalous: bool, consistenc
     suspicious side is infinitely anomalous (+inf) and the median itself scores 0.
     """
     s = statistics.double().flatten()
-    median = s.median()
-    mad = (s - median).abs().median() * consistency
+    median = s.quantile(0.5)  # the mean of the two middle values for an even count, as Neural Cleanse's numpy
+    mad = (s - median).abs().quantile(0.5) * consistency
     deviation = (median - s) if small_is_anomalous else (s - median)
     if mad > 0:
         return (deviation / mad).reshape(statistics.shape)
@@ -224,8 +227,10 @@ def _reverse_engineer(model, clean, bank, config, device, progress, label) -> di
     down = torch.zeros(n_jobs, dtype=torch.long)
     best = {k: v.detach().clone() for k, v in bank.state_dict().items()}
     best_size = torch.full((n_jobs,), math.inf)
+    best_success = torch.zeros(n_jobs)
     hits, counts = torch.zeros(n_jobs), torch.zeros(n_jobs)
     success = torch.zeros(n_jobs)
+    dtype = _dtype_of(model)
     trace = []
     batches = clean.endless_batches(config.re_batch_size, config.seed)
     bar = progress_bar(range(config.re_steps), label, enabled=progress)
@@ -234,14 +239,14 @@ def _reverse_engineer(model, clean, bank, config, device, progress, label) -> di
         rows, jobs = bank.job_pairs(y)
         if rows.numel() == 0:
             continue
-        x, rows, jobs = x.to(device), rows.to(device), jobs.to(device)
+        x, rows, jobs = x.to(device, dtype), rows.to(device), jobs.to(device)
         n_per_job = torch.bincount(jobs, minlength=n_jobs).clamp_min(1)
         opt.zero_grad(set_to_none=True)
         # Σ_j mean CE_j + λ_j·size_j, accumulated over chunks so memory stays at re_max_images images
         (cost * bank.sizes()).sum().backward()
         for start in range(0, rows.numel(), config.re_max_images):
             r, j = rows[start:start + config.re_max_images], jobs[start:start + config.re_max_images]
-            logits = model(bank.apply(x[r], j))
+            logits = model(bank.apply(x[r], j).to(dtype))
             ce = F.cross_entropy(logits, targets[j], reduction="none")
             (ce / n_per_job[j]).sum().backward()
             with torch.no_grad():
@@ -252,18 +257,21 @@ def _reverse_engineer(model, clean, bank, config, device, progress, label) -> di
         if (step + 1) % config.re_check_every and step + 1 != config.re_steps:
             continue
         # one check window: keep improved triggers, then move λ (Neural Cleanse's schedule)
-        success = torch.where(counts > 0, hits / counts.clamp_min(1), success)
+        # a job that saw no image in this window (pairs mode, rare classes) is neither kept nor moved
+        seen = counts > 0
+        success = torch.where(seen, hits / counts.clamp_min(1), success)
         with torch.no_grad():
             sizes = bank.sizes().cpu()
-            improved = (success >= config.re_success) & (sizes < best_size)
+            improved = seen & (success >= config.re_success) & (sizes < best_size)
             if improved.any():
                 state = bank.state_dict()
                 for k in best:
                     best[k][improved.to(best[k].device)] = state[k][improved.to(state[k].device)]
                 best_size = torch.where(improved, sizes, best_size)
+                best_success = torch.where(improved, success, best_success)
         reached = success >= config.re_success
-        up = torch.where(reached, up + 1, torch.zeros_like(up))
-        down = torch.where(reached, torch.zeros_like(down), down + 1)
+        up = torch.where(seen, torch.where(reached, up + 1, torch.zeros_like(up)), up)
+        down = torch.where(seen, torch.where(reached, torch.zeros_like(down), down + 1), down)
         raise_cost, lower_cost = up >= config.re_patience, down >= config.re_patience
         cost = torch.where(raise_cost.to(device), cost * config.re_cost_multiplier, cost)
         cost = torch.where(lower_cost.to(device), cost / config.re_cost_multiplier ** 1.5, cost)
@@ -281,8 +289,22 @@ def _reverse_engineer(model, clean, bank, config, device, progress, label) -> di
         bank.load_state_dict(final)
         size = bank.sizes().cpu()
     for p in bank.parameters():
+        p.grad = None
         p.requires_grad_(False)
-    return {"size": size, "reached": reached, "success": success, "cost": cost.cpu(), "trace": trace}
+    # the success rate reported is the kept trigger's (the last window's for a job that never reached it)
+    return {"size": size, "reached": reached, "success": torch.where(reached, best_success, success),
+            "cost": cost.cpu(), "trace": trace}
+
+
+def _json_float(x) -> float | str:
+    """Reports are JSON: an infinite anomaly index (MAD = 0) is written as "inf" / "-inf"."""
+    x = float(x)
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
 
 
 # --------------------------------------------------------------------------- the transformation h
@@ -354,8 +376,8 @@ class _Sites:
             def hook(mod, args, output, i=i, kind=site["kind"]):
                 z = args[0] if kind == "batchnorm" else output
                 out = transforms[i](z) if transforms is not None else output
-                if record is not None:
-                    record.append((i, out))
+                if record is not None:  # a clone, so in-place ops later in the forward cannot change it
+                    record.append((i, out.clone()))
                 return out
             handles.append(module.register_forward_hook(hook))
         try:
@@ -475,11 +497,12 @@ class BNA:
                 index = anomaly_index(1.0 / size.clamp_min(1e-12), small_is_anomalous=False)
             flagged = (index > config.anomaly_threshold) & reached
             jobs = [{"target": t, "sources": s, "size": float(size[j]), "reached": bool(reached[j]),
-                     "success": float(result["success"][j]), "anomaly_index": float(index[j]),
+                     "success": float(result["success"][j]), "anomaly_index": _json_float(index[j]),
                      "flagged": bool(flagged[j])} for j, (t, s) in enumerate(zip(bank.targets, bank.sources))]
-            for job in jobs:
-                if job["flagged"] and job["anomaly_index"] > best.get(job["target"], (-math.inf, None))[0]:
-                    best[job["target"]] = (job["anomaly_index"], kind)
+            for j in flagged.nonzero().flatten().tolist():
+                t = bank.targets[j]
+                if float(index[j]) > best.get(t, (-math.inf, None))[0]:
+                    best[t] = (float(index[j]), kind)
             size_name = "‖m‖₁ (mask)" if kind == "patch" else "‖δ‖₂"
             banks[kind] = bank
             by_kind[kind] = {"statistic": size_name if config.detection == "target" else f"1 / {size_name}",
@@ -510,23 +533,25 @@ class BNA:
         for t in detection["targets"]:
             sources = detection["sources"][t]
             with phases.phase(f"trigger_t{t}"):
-                bank, job, reused = self._trigger_for(model, clean, detection, t, sources, config, device,
+                bank, job, reused, reached = self._trigger_for(model, clean, detection, t, sources, config, device,
                                                       progress)
             keep = torch.isin(clean.y, torch.tensor(sources))
             data_t = CleanData(clean.x[keep], clean.y[keep], clean.num_classes)
             transforms = wrapped.transforms[str(t)]
             self._initialise(transforms, hooks, layout, sites, model)
             with phases.phase(f"align_t{t}"):
-                trace = self._align(model, hooks, transforms, layout, data_t, bank, job, config, device,
-                                    progress, t)
+                aligned = self._align(model, hooks, transforms, layout, data_t, bank, job, config, device,
+                                      progress, t)
+            trace = aligned["epochs"]
             for p in transforms.parameters():
                 p.requires_grad_(False)
             per_target[str(t)] = {"sources": sources, "trigger": detection["kinds"][t],
                                   "trigger_reused_from_detection": reused,
                                   "trigger_size": float(bank.sizes()[job].detach()), "epochs": trace,
+                                  "trigger_reached_success": reached,
                                   "divergence_per_layer": {
-                                      "before": trace[0]["per_layer"] if trace else [],
-                                      "after": trace[-1]["per_layer"] if trace else []}}
+                                      "original_model": aligned["original"], "initial": trace[0]["per_layer"],
+                                      "after": trace[-1]["per_layer"]}}
         mitigation = {"sites": [dict(s, channels=c) for s, c in zip(sites, channels)],
                       "bins_per_site": [int(sum(b)) for _, _, b in layout["bins"]],
                       "targets": per_target}
@@ -537,10 +562,15 @@ class BNA:
         bank = detection["banks"][kind]
         for j, (tj, sj) in enumerate(zip(bank.targets, bank.sources)):
             if tj == t and sj == sources:
-                return bank, j, True
+                return bank, j, True, True
         fresh = TriggerBank(kind, [t], [sources], tuple(clean.x.shape[1:]), config.seed + 1, _value_range(clean))
-        reverse_engineer(model, clean, fresh, config, device, progress, label=f"BNA trigger for class {t}")
-        return fresh, 0, False
+        result = reverse_engineer(model, clean, fresh, config, device, progress, label=f"BNA trigger for class {t}")
+        reached = bool(result["reached"][0])
+        if not reached:
+            warnings.warn(f"BNA: the trigger re-estimated for class {t} on source classes {sources} never sent "
+                          f"{config.re_success:.0%} of their images to {t} (best {float(result['success'][0]):.1%}); "
+                          "aligning with it anyway. Raise re_steps, or check the detected sources.", stacklevel=4)
+        return fresh, 0, False, reached
 
     @torch.no_grad()
     def _clean_layout(self, model, hooks: _Sites, clean: CleanData, config, device) -> dict:
@@ -552,17 +582,18 @@ class BNA:
         captured = []
 
         def grabber(i):
-            def grab(mod, args, output):
-                captured.append((i, args[0] if hooks.sites[i]["kind"] == "batchnorm" else output, output))
+            def grab(mod, args, output):  # clones: an in-place op later in the forward (ReLU(inplace=True),
+                z = args[0] if hooks.sites[i]["kind"] == "batchnorm" else output  # out += identity) rewrites them
+                captured.append((i, z.detach().clone(), output.detach().clone()))
             return grab
         handles = [m.register_forward_hook(grabber(i)) for i, m in enumerate(hooks.modules)]
         try:
             for x, _ in clean.batches(config.batch_size):
                 captured.clear()
-                model(x.to(device))
+                model(x.to(device, _dtype_of(model)))
                 calls = [i for i, _, _ in captured]
                 for i, z, out in captured:
-                    cd = _channel_dim(out.dim())
+                    cd = 1 if hooks.sites[i]["kind"] == "batchnorm" else _channel_dim(out.dim())
                     if calls.count(i) > 1 or (dims[i] is not None and dims[i] != (cd, out.shape[cd])):
                         raise ValueError(f"BNA site {hooks.sites[i]['module']} is called more than once per "
                                          "forward or changes shape; name other layers with layers=")
@@ -597,7 +628,7 @@ class BNA:
         v, ω = the normalised clean min/max, so g starts equal to f on the clean range."""
         for i, (site, module, h) in enumerate(zip(sites, hooks.modules, transforms)):
             dev = h.mu.device
-            if site["kind"] == "batchnorm" and module.track_running_stats and module.running_mean is not None:
+            if site["kind"] == "batchnorm" and module.running_mean is not None:  # what eval-mode BN normalises by
                 mu, sigma = module.running_mean.double(), (module.running_var.double() + module.eps).sqrt()
             else:
                 mu, sigma = layout["mean"][i], layout["std"][i].clamp_min(1e-5)
@@ -618,52 +649,56 @@ class BNA:
                                   layout["channel_dims"][i]) for i, z in outs}
 
     @torch.no_grad()
-    def _clean_histograms(self, model, hooks, layout, data: CleanData, config, device) -> list[torch.Tensor]:
-        sums, total = [None] * len(hooks.sites), 0
+    def _histograms_over(self, model, hooks, layout, data: CleanData, config, device, transforms=None,
+                         trigger=None) -> list[torch.Tensor]:
+        """Per-site histograms over all of `data` (batch histograms weighted by batch size), through g with
+        `transforms` (f when None), on images with `trigger` = (bank, job) applied when given."""
+        sums, total, dtype = [None] * len(hooks.sites), 0, _dtype_of(model)
         for x, _ in data.batches(config.batch_size):
+            x = x.to(device, dtype)
+            if trigger is not None:
+                x = trigger[0].apply(x, torch.full((x.shape[0],), trigger[1], device=device)).to(dtype)
             record = []
-            with hooks.routed(None, record):
-                model(x.to(device))
+            with hooks.routed(transforms, record):
+                model(x)
             for i, h in self._histograms(record, layout, config).items():
                 sums[i] = h * x.shape[0] if sums[i] is None else sums[i] + h * x.shape[0]
             total += x.shape[0]
         return [s / total for s in sums]
 
     def _align(self, model, hooks, transforms, layout, data, bank, job, config, device, progress, t):
-        p = self._clean_histograms(model, hooks, layout, data, config, device)
+        p = self._histograms_over(model, hooks, layout, data, config, device)
         params = [q for h in transforms for q in (h.mu, h.sigma, h.lower, h.upper)]
         for q in params:
             q.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=config.lr)
+        dtype = _dtype_of(model)
 
-        def divergences(x):
-            record = []
-            with hooks.routed(transforms, record):
-                model(bank.apply(x, torch.full((x.shape[0],), job, device=device)))
-            q = self._histograms(record, layout, config)
-            return torch.stack([f_divergence(p[i], q[i], config.divergence).sum() for i in sorted(q)])
+        def measure(with_transforms=True) -> list[float]:
+            q = self._histograms_over(model, hooks, layout, data, config, device,
+                                      transforms if with_transforms else None, (bank, job))
+            return [float(f_divergence(p[i], q[i], config.divergence).sum()) for i in range(len(q))]
 
-        def measure():
-            with torch.no_grad():
-                total, n = None, 0
-                for x, _ in data.batches(config.batch_size):
-                    d = divergences(x.to(device)) * x.shape[0]
-                    total, n = (d if total is None else total + d), n + x.shape[0]
-                return (total / n).tolist()
-
-        trace = [{"epoch": 0, "per_layer": measure()}]
+        original = measure(with_transforms=False)  # f itself on triggered images
+        trace = [{"epoch": 0, "per_layer": measure()}]  # g at its initial Θ (v, ω already clip)
         trace[0]["total"] = sum(trace[0]["per_layer"])
         bar = progress_bar(range(config.epochs), f"BNA align (target {t})", enabled=progress)
         for epoch in bar:
             for x, _ in data.batches(config.batch_size, shuffle=True, seed=config.seed + epoch):
-                loss = divergences(x.to(device)).sum()
+                x = x.to(device, dtype)
+                record = []
+                with hooks.routed(transforms, record):
+                    model(bank.apply(x, torch.full((x.shape[0],), job, device=device)).to(dtype))
+                q = self._histograms(record, layout, config)
+                loss = sum(f_divergence(p[i], q[i], config.divergence).sum() for i in sorted(q))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             per_layer = measure()
             trace.append({"epoch": epoch + 1, "per_layer": per_layer, "total": sum(per_layer)})
             bar.set_postfix(divergence=f"{trace[-1]['total']:.3f}")
-        return trace
+        opt.zero_grad(set_to_none=True)
+        return {"original": original, "epochs": trace}
 
 
 # --------------------------------------------------------------------------- plots
@@ -683,7 +718,7 @@ def _plot_triggers(detection, clean, path):
                 images = (d - d.amin()) / (d.amax() - d.amin()).clamp_min(1e-12)
         best = {}  # per target, its most anomalous job (there are several in pairs mode)
         for j, job in enumerate(jobs):
-            if job["target"] not in best or job["anomaly_index"] > jobs[best[job["target"]]]["anomaly_index"]:
+            if job["target"] not in best or float(job["anomaly_index"]) > float(jobs[best[job["target"]]]["anomaly_index"]):
                 best[job["target"]] = j
         rows.append((kind, [(images[best[t]], jobs[best[t]]) for t in sorted(best)]))
     cols = max(len(r[1]) for r in rows)
@@ -691,7 +726,7 @@ def _plot_triggers(detection, clean, path):
     for r, (kind, cells) in enumerate(rows):
         for ax, (img, job) in zip(axes[r], cells):
             ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{kind[:5]} t={job['target']}\nidx {job['anomaly_index']:.1f}", fontsize=8,
+            ax.set_title(f"{kind[:5]} t={job['target']}\nidx {float(job['anomaly_index']):.1f}", fontsize=8,
                          color="red" if job["flagged"] else "black")
         for ax in axes[r]:
             ax.axis("off")
@@ -713,7 +748,8 @@ def _plot_divergence(mitigation, path):
                              squeeze=False)
     for ax, (t, info) in zip(axes[0], targets.items()):
         idx = range(len(names))
-        ax.bar([i - 0.2 for i in idx], info["divergence_per_layer"]["before"], 0.4, label="before alignment")
+        ax.bar([i - 0.2 for i in idx], info["divergence_per_layer"]["original_model"], 0.4,
+               label="before alignment (f)")
         ax.bar([i + 0.2 for i in idx], info["divergence_per_layer"]["after"], 0.4, label="after alignment")
         ax.set_xticks(list(idx), names, rotation=70, fontsize=7)
         ax.set_ylabel("Σ over neurons of D(p‖q)")
