@@ -10,7 +10,7 @@ from pydefend.cli import main
 from pydefend.checkpoint import save_checkpoint
 from pydefend.defenses import BNA, BNAConfig, CleanData
 from pydefend.defenses.bna import (NC_CONSISTENCY, BNAModel, BNATransform, TriggerBank, _Sites, anomaly_index,
-                                   find_sites, inference_rule)
+                                   detection_index, find_sites, inference_rule)
 from pydefend.metrics import detection_rates, evaluate
 from pydefend.ops.soft_histogram import f_divergence, soft_histogram
 from pydefend.repaired import load_repaired, save_repaired
@@ -42,6 +42,21 @@ def test_anomaly_index_on_hand_built_statistics():
     ten = torch.tensor([3.0, 20, 21, 22, 23, 30, 31, 32, 33, 34])
     # median 26.5; |deviations| 23.5 6.5 5.5 4.5 3.5 3.5 4.5 5.5 6.5 7.5 -> MAD 5.5
     assert anomaly_index(ten, True, NC_CONSISTENCY)[0].item() == pytest.approx(23.5 / (5.5 * NC_CONSISTENCY))
+
+
+def test_log_statistic_is_scale_free_and_reciprocal_free():
+    # mask sizes measured on the Fashion-MNIST BadNets model: the target's is 6x smaller than any other, but
+    # the clean classes spread from 35 to 100 pixels, so the linear index stays under Neural Cleanse's 2
+    sizes = torch.tensor([5.94, 35.56, 46.97, 63.31, 42.98, 73.69, 36.67, 100.25, 35.34, 64.57], dtype=torch.float64)
+    linear = detection_index(sizes, BNAConfig(statistic="linear"))
+    log = detection_index(sizes, BNAConfig())
+    assert linear[0] < 2 < log[0] and (log[1:] < 1).all()
+    torch.testing.assert_close(detection_index(sizes * 37.0, BNAConfig()), log)  # units do not matter
+    # pairs mode scores 1/size; on the log scale that is the same index as scoring the size itself
+    pairs = BNAConfig(detection="pairs")
+    torch.testing.assert_close(detection_index(sizes, pairs), anomaly_index(sizes.log(), True))
+    with pytest.raises(ValueError, match="statistic must be"):
+        BNAConfig(statistic="sqrt")
 
 
 def test_trigger_bank_applies_each_jobs_trigger():

@@ -20,9 +20,14 @@ Detection before mitigation:
 2. MAD anomaly index, one-sided (small triggers are suspicious): per target
    (s = trigger size) index = (median − s)/(1.4826·MAD), flagged above 2
    (Neural Cleanse's rule); per pair (s = 1/size, the paper's statistic)
-   index = (s − median)/MAD, flagged above 7 (the paper's 7-MAD rule). A
-   trigger that never reached the success rate is never flagged. Nothing
-   flagged: the model is returned unchanged and the report says so.
+   index = (s − median)/MAD, flagged above 7 (the paper's 7-MAD rule). By
+   default s is taken on a log scale (`statistic="log"`; "linear" is the
+   originals'): trigger sizes are scale quantities whose spread across
+   classes is multiplicative (on Fashion-MNIST clean classes need masks of
+   28 to 100 pixels), and on a log scale the size and its reciprocal give the
+   same index, so the rule no longer depends on which of the two the detector
+   reports. A trigger that never reached the success rate is never flagged.
+   Nothing flagged: the model is returned unchanged and the report says so.
 Mitigation, per detected target t:
 3. Re-estimate the trigger (of the kind that flagged t most strongly) on the
    images of all detected source classes Ŝ(t). Per-target detection already
@@ -68,6 +73,7 @@ class BNAConfig:
     detection: str = "target"  # "target": one trigger per putative target class; "pairs": one per (s, t)
     trigger: str = "auto"  # "patch", "perturbation", "both" (flag with either); auto: patch per target, δ per pair
     threshold: float | None = None  # anomaly-index threshold; None: 2 ("target") or 7 ("pairs")
+    statistic: str = "log"  # MAD over log trigger sizes ("log") or over the sizes themselves ("linear": NC, paper)
     re_steps: int = 300  # reverse-engineering optimisation steps
     re_batch_size: int = 32  # clean images per step; each is replicated once per putative target
     re_max_images: int = 1024  # replicated images per forward pass (a step accumulates over chunks)
@@ -91,6 +97,8 @@ class BNAConfig:
             raise ValueError(f"BNA detection must be 'target' or 'pairs', got {self.detection!r}")
         if self.trigger not in ("auto", "patch", "perturbation", "both"):
             raise ValueError(f"BNA trigger must be 'auto', 'patch', 'perturbation' or 'both', got {self.trigger!r}")
+        if self.statistic not in ("log", "linear"):
+            raise ValueError(f"BNA statistic must be 'log' or 'linear', got {self.statistic!r}")
         if self.divergence not in ("tv", "js", "kl"):
             raise ValueError(f"BNA divergence must be 'tv', 'js' or 'kl', got {self.divergence!r}")
         if min(self.re_steps, self.re_batch_size, self.re_max_images, self.re_check_every, self.re_patience,
@@ -145,6 +153,16 @@ def anomaly_index(statistics: torch.Tensor, small_is_anomalous: bool, consistenc
     out[deviation > 0] = math.inf
     out[deviation < 0] = -math.inf
     return out.reshape(statistics.shape)
+
+
+def detection_index(sizes: torch.Tensor, config: BNAConfig) -> torch.Tensor:
+    """The anomaly index of each trigger size under the config's mode and statistic (module docstring, step 2)."""
+    stat = sizes.clamp_min(1e-12)
+    stat = stat.log() if config.statistic == "log" else stat
+    if config.detection == "target":
+        return anomaly_index(stat, small_is_anomalous=True, consistency=NC_CONSISTENCY)
+    # the paper's statistic, the reciprocal of the size: −log size on the log scale
+    return anomaly_index(-stat if config.statistic == "log" else 1.0 / stat, small_is_anomalous=False)
 
 
 class TriggerBank(nn.Module):
@@ -491,10 +509,7 @@ class BNA:
             result = reverse_engineer(model, clean, bank, config, device, progress,
                                       label=f"BNA reverse-engineer ({kind})")
             size, reached = result["size"], result["reached"]
-            if config.detection == "target":
-                index = anomaly_index(size, small_is_anomalous=True, consistency=NC_CONSISTENCY)
-            else:  # the paper's statistic: the reciprocal of the trigger size
-                index = anomaly_index(1.0 / size.clamp_min(1e-12), small_is_anomalous=False)
+            index = detection_index(size, config)
             flagged = (index > config.anomaly_threshold) & reached
             jobs = [{"target": t, "sources": s, "size": float(size[j]), "reached": bool(reached[j]),
                      "success": float(result["success"][j]), "anomaly_index": _json_float(index[j]),
@@ -504,8 +519,9 @@ class BNA:
                 if float(index[j]) > best.get(t, (-math.inf, None))[0]:
                     best[t] = (float(index[j]), kind)
             size_name = "‖m‖₁ (mask)" if kind == "patch" else "‖δ‖₂"
+            name = size_name if config.detection == "target" else f"1 / {size_name}"
             banks[kind] = bank
-            by_kind[kind] = {"statistic": size_name if config.detection == "target" else f"1 / {size_name}",
+            by_kind[kind] = {"statistic": f"log {name}" if config.statistic == "log" else name,
                              "jobs": jobs, "trace": result["trace"]}
         detected = sorted(best)
         # mitigation uses the trigger kind that flagged t most strongly, on all sources flagged with it
