@@ -82,7 +82,7 @@ def test_trigger_bank_applies_each_jobs_trigger():
 def test_reverse_engineered_trigger_overlaps_the_true_patch(tiny_backdoor, bna_run):
     report = bna_run.report
     assert report["detected_targets"] == [0], report["detection"]
-    assert list(report["detection"]["triggers"]) == ["patch"]
+    assert list(report["detection"]["triggers"]) == ["patch", "perturbation"]
     jobs = report["detection"]["triggers"]["patch"]["jobs"]
     assert [j["target"] for j in jobs] == list(range(10)) and all(j["sources"] == [s for s in range(10) if s != j["target"]]
                                                                   for j in jobs)

@@ -9,11 +9,11 @@ Detection before mitigation:
    pattern p, fitted by CE(f(x'), t) + λ‖m‖₁ (Neural Cleanse; the paper's
    choice for patch triggers), or an additive perturbation,
    x' = clip(x + δ), fitted by CE + λ‖δ‖₂ (the paper's choice for blended and
-   other perturbation triggers). `trigger="auto"` (default) searches patches
-   per target (Neural Cleanse) and perturbations per pair (the paper's
-   option); a defender who does not know the attacker's kind can ask for
-   `trigger="both"`, which flags a class when either search flags it (at the
-   price of either search's false positives). λ follows Neural Cleanse's schedule (×1.5
+   other perturbation triggers). The paper picks the objective by the
+   attack's trigger type, which a defender does not know, so per target
+   `trigger="auto"` (default) runs both searches and flags a class when
+   either flags it (at the price of either search's false positives); per
+   pair it searches perturbations, as the paper. λ follows Neural Cleanse's schedule (×1.5
    after `re_patience` successful check windows in a row, ÷1.5^1.5 after as
    many failed ones); the kept trigger is the smallest one whose success rate
    reached `re_success`.
@@ -71,7 +71,7 @@ NC_CONSISTENCY = 1.4826  # MAD of a normal sample · 1.4826 ≈ its standard dev
 @dataclass
 class BNAConfig:
     detection: str = "target"  # "target": one trigger per putative target class; "pairs": one per (s, t)
-    trigger: str = "auto"  # "patch", "perturbation", "both" (flag with either); auto: patch per target, δ per pair
+    trigger: str = "auto"  # "patch", "perturbation", "both" (flag with either); auto: both per target, δ per pair
     threshold: float | None = None  # anomaly-index threshold; None: 2 ("target") or 7 ("pairs")
     statistic: str = "log"  # MAD over log trigger sizes ("log") or over the sizes themselves ("linear": NC, paper)
     re_steps: int = 300  # reverse-engineering optimisation steps
@@ -113,7 +113,7 @@ class BNAConfig:
     @property
     def trigger_kinds(self) -> list[str]:
         if self.trigger == "auto":
-            return ["patch"] if self.detection == "target" else ["perturbation"]
+            return ["patch", "perturbation"] if self.detection == "target" else ["perturbation"]
         return ["patch", "perturbation"] if self.trigger == "both" else [self.trigger]
 
     @property
