@@ -43,3 +43,12 @@ def test_flip_is_a_horizontal_mirror():
     kept = out[:, 0, 1, 2] > out[:, 0, 1, 1]
     mirrored = out[:, 0, 1, 2] < out[:, 0, 1, 1]
     assert bool((kept ^ mirrored).all()) and 100 < int(mirrored.sum()) < 300
+
+
+def test_auto_crops_only_images_of_16_pixels_and_more():
+    small, large = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 16, 16)
+    y = torch.zeros(8, dtype=torch.long)
+    assert next(augmented(iter([(small, y)]), "auto", torch.Generator()))[0] is small
+    out = next(augmented(iter([(large, y)]), "auto", torch.Generator().manual_seed(0)))[0]
+    ref = next(augmented(iter([(large, y)]), "crop", torch.Generator().manual_seed(0)))[0]
+    assert torch.equal(out, ref) and not torch.equal(out, large)

@@ -79,7 +79,7 @@ class TSBDConfig:
     finetune_momentum: float = 0.9
     # "Other settings ... following the default BackdoorBench configuration" (paper §5.1): its fine-tuning
     # augments (random crop, and a horizontal flip on CIFAR), decays weights by 5e-4 and anneals lr on a cosine.
-    finetune_augment: str = "crop"  # "none", "crop" or "crop+flip" (flips only where they keep labels)
+    finetune_augment: str = "auto"  # "auto" (crop from 16×16 up), "none", "crop" or "crop+flip"
     finetune_weight_decay: float = 5e-4
     finetune_schedule: str = "cosine"  # "cosine" or "constant"
     r: float = 0.05

@@ -86,8 +86,8 @@ class UniBPConfig:
     rectify_params: str = "all"  # train all of θ′ ("all") or only the norm affine ("norm")
     epochs: int = 20  # masked-gradient fine-tuning
     # appendix A.5: "standard data augmentation (random horizontal flip and random crop)"; flips only where
-    # they keep labels (not digits or text), so the default crops
-    finetune_augment: str = "crop"  # "none", "crop" or "crop+flip"
+    # they keep labels (not digits or text), so the default crops (images from 16×16 up)
+    finetune_augment: str = "auto"  # "auto" (crop from 16×16 up), "none", "crop" or "crop+flip"
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 0.0
