@@ -182,6 +182,11 @@ class TriggerBank(nn.Module):
             raise ValueError(f"trigger value range must be increasing, got {value_range}")
         self.kind, self.targets, self.sources = kind, list(targets), [sorted(s) for s in sources]
         self.lo, self.hi = float(value_range[0]), float(value_range[1])
+        # member[j, c]: class c is a source of job j (one spare column for classes no job draws from)
+        self._member = torch.zeros(len(self.targets), max(max(s, default=0) for s in self.sources) + 2,
+                                   dtype=torch.bool)
+        for j, s in enumerate(self.sources):
+            self._member[j, s] = True
         c, h, w = image_shape
         g = torch.Generator().manual_seed(seed)
         n = len(self.targets)
@@ -211,12 +216,8 @@ class TriggerBank(nn.Module):
 
     def job_pairs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, job) for every image row whose class is a source of the job."""
-        classes = max(max(s, default=0) for s in self.sources) + 1
-        member = torch.zeros(len(self.targets), max(classes, int(y.max()) + 1), dtype=torch.bool)
-        for j, s in enumerate(self.sources):
-            member[j, s] = True
-        rows, jobs = member[:, y].T.nonzero(as_tuple=True)
-        return rows, jobs
+        y = y.clamp(max=self._member.shape[1] - 1)  # classes above every source land in the spare column
+        return self._member[:, y].T.nonzero(as_tuple=True)
 
 
 def _value_range(clean: CleanData) -> tuple[float, float]:
@@ -492,10 +493,7 @@ class BNA:
 
     # ----------------------------------------------------------------- detection
     def detect(self, model, clean: CleanData, config: BNAConfig, device="cpu", progress=True) -> dict:
-        with frozen_weights(model.eval()):  # eval: triggered batches must not move BN's running statistics
-            return self._detect(model, clean, config, device, progress)
-
-    def _detect(self, model, clean: CleanData, config: BNAConfig, device, progress) -> dict:
+        model.eval()  # triggered batches must not move BN's running statistics
         present = sorted(set(clean.y.tolist()))
         if config.detection == "target":
             targets = list(range(clean.num_classes))
@@ -664,20 +662,26 @@ class BNA:
         return {i: self.histogram(z, bins[i][0].to(z.device), bins[i][1], bins[i][2], config.tau,
                                   layout["channel_dims"][i]) for i, z in outs}
 
+    def _forward_histograms(self, model, hooks, layout, x, config, device, transforms=None, trigger=None) -> dict:
+        """{site: histogram} of one batch through g with `transforms` (f when None), with `trigger` = (bank, job)
+        applied to the images when given."""
+        dtype = _dtype_of(model)
+        x = x.to(device, dtype)
+        if trigger is not None:
+            x = trigger[0].apply(x, torch.full((x.shape[0],), trigger[1], device=device)).to(dtype)
+        record = []
+        with hooks.routed(transforms, record):
+            model(x)
+        return self._histograms(record, layout, config)
+
     @torch.no_grad()
     def _histograms_over(self, model, hooks, layout, data: CleanData, config, device, transforms=None,
                          trigger=None) -> list[torch.Tensor]:
-        """Per-site histograms over all of `data` (batch histograms weighted by batch size), through g with
-        `transforms` (f when None), on images with `trigger` = (bank, job) applied when given."""
-        sums, total, dtype = [None] * len(hooks.sites), 0, _dtype_of(model)
+        """Per-site histograms over all of `data` (batch histograms weighted by batch size)."""
+        sums, total = [None] * len(hooks.sites), 0
         for x, _ in data.batches(config.batch_size):
-            x = x.to(device, dtype)
-            if trigger is not None:
-                x = trigger[0].apply(x, torch.full((x.shape[0],), trigger[1], device=device)).to(dtype)
-            record = []
-            with hooks.routed(transforms, record):
-                model(x)
-            for i, h in self._histograms(record, layout, config).items():
+            hists = self._forward_histograms(model, hooks, layout, x, config, device, transforms, trigger)
+            for i, h in hists.items():
                 sums[i] = h * x.shape[0] if sums[i] is None else sums[i] + h * x.shape[0]
             total += x.shape[0]
         return [s / total for s in sums]
@@ -688,7 +692,6 @@ class BNA:
         for q in params:
             q.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=config.lr)
-        dtype = _dtype_of(model)
 
         def measure(with_transforms=True) -> list[float]:
             q = self._histograms_over(model, hooks, layout, data, config, device,
@@ -701,11 +704,7 @@ class BNA:
         bar = progress_bar(range(config.epochs), f"BNA align (target {t})", enabled=progress)
         for epoch in bar:
             for x, _ in data.batches(config.batch_size, shuffle=True, seed=config.seed + epoch):
-                x = x.to(device, dtype)
-                record = []
-                with hooks.routed(transforms, record):
-                    model(bank.apply(x, torch.full((x.shape[0],), job, device=device)).to(dtype))
-                q = self._histograms(record, layout, config)
+                q = self._forward_histograms(model, hooks, layout, x, config, device, transforms, (bank, job))
                 loss = sum(f_divergence(p[i], q[i], config.divergence).sum() for i in sorted(q))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
