@@ -5,8 +5,8 @@ from .tsbd import TSBD, TSBDConfig
 from .unibp import UniBP, UniBPConfig
 from .unit import UNIT, UNITConfig
 
-__all__ = ["REGISTRY", "BNA", "BNAConfig", "CleanData", "DefenseResult", "register", "TSBD", "TSBDConfig", "UNIT", "UNITConfig",
-           "UniBP", "UniBPConfig", "get_defense"]
+__all__ = ["REGISTRY", "BNA", "BNAConfig", "CleanData", "DefenseResult", "register", "TSBD", "TSBDConfig", "UNIT",
+           "UNITConfig", "UniBP", "UniBPConfig", "get_defense"]
 
 
 def get_defense(name: str):

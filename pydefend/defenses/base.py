@@ -86,6 +86,22 @@ class DefenseResult:
     wrapper: dict | None = None  # {"class", "args"} when the repaired model wraps the original (BNA)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a plot is drawn (plotting is optional)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path) -> bool:
+    """Lay out, write the PNG and free the figure; True for the plot callbacks of DefenseResult."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return True
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: CleanData, batch_size: int = 256, device="cpu") -> float:
     correct = 0

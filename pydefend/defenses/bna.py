@@ -63,7 +63,7 @@ from torch import nn
 from ..monitor import PhaseRecorder
 from ..ops.soft_histogram import f_divergence, soft_histogram
 from ..progress import progress_bar
-from .base import CleanData, DefenseResult, config_dict, register
+from .base import CleanData, DefenseResult, config_dict, pyplot, register, save_figure
 
 NC_CONSISTENCY = 1.4826  # MAD of a normal sample · 1.4826 ≈ its standard deviation (Neural Cleanse)
 
@@ -718,9 +718,7 @@ class BNA:
 
 # --------------------------------------------------------------------------- plots
 def _plot_triggers(detection, clean, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     kinds = list(detection["banks"])
     rows = []
     for kind in kinds:
@@ -733,8 +731,9 @@ def _plot_triggers(detection, clean, path):
                 images = (d - d.amin()) / (d.amax() - d.amin()).clamp_min(1e-12)
         best = {}  # per target, its most anomalous job (there are several in pairs mode)
         for j, job in enumerate(jobs):
-            if job["target"] not in best or float(job["anomaly_index"]) > float(jobs[best[job["target"]]]["anomaly_index"]):
-                best[job["target"]] = j
+            t = job["target"]
+            if t not in best or float(job["anomaly_index"]) > float(jobs[best[t]]["anomaly_index"]):
+                best[t] = j
         rows.append((kind, [(images[best[t]], jobs[best[t]]) for t in sorted(best)]))
     cols = max(len(r[1]) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols + 1, 2.4 * len(rows)), squeeze=False)
@@ -747,16 +746,11 @@ def _plot_triggers(detection, clean, path):
             ax.axis("off")
     fig.suptitle("BNA reverse-engineered triggers (patch: mask ⊙ pattern; perturbation: δ rescaled); "
                  "red = flagged", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _plot_divergence(mitigation, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     targets = mitigation["targets"]
     names = [s["module"] for s in mitigation["sites"]]
     fig, axes = plt.subplots(1, len(targets), figsize=(max(6, 0.35 * len(names) + 2) * len(targets), 3.8),
@@ -770,7 +764,4 @@ def _plot_divergence(mitigation, path):
         ax.set_ylabel("Σ over neurons of D(p‖q)")
         ax.set_title(f"target {t}: clean vs triggered activations per layer", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)

@@ -58,7 +58,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..monitor import PhaseRecorder
 from ..ops.neuron_l1 import CONV_TYPES, neuron_l1_change, select_and_zero
 from ..progress import progress_bar
-from .base import AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, register
+from .base import (AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, pyplot, register,
+                   save_figure)
 
 LAYER_TYPES = {"conv": CONV_TYPES, "linear": (nn.Linear,), "conv+linear": CONV_TYPES + (nn.Linear,)}
 
@@ -331,9 +332,7 @@ class TSBD:
 
 
 def _plot_nwc(names, nwc, threshold, config, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     values = torch.cat(nwc).double()
     if values.numel() == 0:
         return False
@@ -358,16 +357,11 @@ def _plot_nwc(names, nwc, threshold, config, path):
     axes[1].set_ylabel("NWC")
     axes[1].set_title("per layer (red: selected)", fontsize=9)
     fig.suptitle("TSBD neuron weight change after clean unlearning")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _plot_training(report, config, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     trace, epochs = report["unlearning"]["trace"], report["finetune"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     if trace:
@@ -387,7 +381,4 @@ def _plot_training(report, config, path):
         axes[1].legend(fontsize=8)
     axes[1].set_xlabel("fine-tuning epoch")
     axes[1].set_title("stage 2: activeness-aware fine-tuning", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)

@@ -63,7 +63,8 @@ from torch import nn
 from ..monitor import PhaseRecorder
 from ..ops.diag_fisher import DiagFisher
 from ..progress import progress_bar
-from .base import AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, register
+from .base import (AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, pyplot, register,
+                   save_figure)
 
 _BN = nn.modules.batchnorm._BatchNorm
 _NORMS = (_BN, nn.LayerNorm)
@@ -544,9 +545,7 @@ def layer_report(model: nn.Module, scores: dict, mask: dict) -> list[dict]:
 
 # --------------------------------------------------------------------------- plots
 def _plot_fisher(report, score_lists, masks, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     layers = report["layers"]
     fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.45 * len(layers) + 2), 7), sharex=True)
     for i, row in enumerate(layers):
@@ -571,16 +570,11 @@ def _plot_fisher(report, score_lists, masks, path):
     axes[1].set_xticks(list(idx), [r["layer"] for r in layers], rotation=70, fontsize=7)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"UniBP: Fisher scores per layer, K = {report['k']} of {report['affine_coordinates']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _plot_training(report, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     r = report["rectify"]
     if r:
@@ -598,7 +592,4 @@ def _plot_training(report, path):
     axes[1].set_title("masked-gradient fine-tuning")
     for ax in axes:
         ax.set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)

@@ -35,7 +35,7 @@ from ..frozen import frozen_layers
 from ..monitor import PhaseRecorder
 from ..ops.channel_clip import ChannelClip
 from ..progress import progress_bar
-from .base import CleanData, DefenseResult, accuracy, config_dict, register
+from .base import CleanData, DefenseResult, accuracy, config_dict, pyplot, register, save_figure
 
 
 @dataclass
@@ -229,9 +229,7 @@ def _next_alpha(alpha, over_budget, within, outside, config):
 
 
 def _plot_trace(report, config, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     steps = report["steps"]
     if not steps:
         return False
@@ -251,16 +249,11 @@ def _plot_trace(report, config, path):
     for ax in axes:
         ax.set_xlabel("step")
     fig.suptitle("UNIT tightening")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _plot_bounds(report, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     sites = report["sites"]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(sites) + 2), 3.6))
     idx = range(len(sites))
@@ -270,7 +263,4 @@ def _plot_bounds(report, path):
     ax.set_ylabel("mean bound")
     ax.legend(fontsize=8)
     ax.set_title("UNIT bounds per activation site")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
