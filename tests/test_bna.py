@@ -88,8 +88,8 @@ def test_reverse_engineered_trigger_overlaps_the_true_patch(tiny_backdoor, bna_r
     jobs = report["detection"]["triggers"]["patch"]["jobs"]
     indices = [float(j["anomaly_index"]) for j in jobs]
     assert indices[0] == max(indices) and indices[0] > 1.5 * sorted(indices)[-2], indices
-    assert [j["target"] for j in jobs] == list(range(10)) and all(j["sources"] == [s for s in range(10) if s != j["target"]]
-                                                                  for j in jobs)
+    assert [j["target"] for j in jobs] == list(range(10))
+    assert all(j["sources"] == [s for s in range(10) if s != j["target"]] for j in jobs)
     assert jobs[0]["flagged"] and jobs[0]["anomaly_index"] > report["detection"]["threshold"]
     # the nine strongest mask pixels of target 0 against the attack's own patch
     attack = tiny_backdoor["attack"]
@@ -107,8 +107,10 @@ def test_both_trigger_kinds_flag_with_either(tiny_backdoor):
                              progress=False)
     triggers = detection["report"]["triggers"]
     assert list(triggers) == ["patch", "perturbation"] and list(detection["banks"]) == ["patch", "perturbation"]
-    flagged = {kind: {j["target"]: j["anomaly_index"] for j in t["jobs"] if j["flagged"]} for kind, t in triggers.items()}
-    assert detection["targets"] == sorted(set(flagged["patch"]) | set(flagged["perturbation"])) and 0 in detection["targets"]
+    flagged = {kind: {j["target"]: j["anomaly_index"] for j in t["jobs"] if j["flagged"]}
+               for kind, t in triggers.items()}
+    assert detection["targets"] == sorted(set(flagged["patch"]) | set(flagged["perturbation"]))
+    assert 0 in detection["targets"]
     for t in detection["targets"]:
         kind = detection["kinds"][t]
         other = "perturbation" if kind == "patch" else "patch"
@@ -131,7 +133,8 @@ def test_backdoor_removed_and_divergence_decreases(tiny_backdoor, bna_run):
     # one point of accuracy for the target alone (the demo's model: 97.5 -> 95.8 %); a falsely flagged second
     # class (see above) routes its clean images through g as well and costs up to ~10 points
     budget = 0.03 if bna_run.report["detected_targets"] == [0] else 0.12
-    assert after["acc"] > before["acc"] - budget and after["ra"] > 0.5, (before, after, bna_run.report["detected_targets"])
+    assert after["acc"] > before["acc"] - budget and after["ra"] > 0.5, (before, after,
+                                                                        bna_run.report["detected_targets"])
     info = bna_run.report["mitigation"]["targets"]["0"]
     assert info["trigger_reused_from_detection"] and info["sources"] == list(range(1, 10))
     assert info["trigger"] == bna_run.report["detection"]["trigger_used"]["0"]
