@@ -1,7 +1,8 @@
 """UNIT's tightening phase: pydefend (fused clip, frozen weights) vs a straightforward
 eager implementation of the same algorithm (torch.minimum bounds after the
 activation, weights requiring grad as in the authors' code). Same model, data,
-batch and steps; peak memory and time of the tightening phase.
+batch and steps; peak memory and time of the tightening phase. A step here is
+one mini-batch update (step_unit="batch"), so --steps counts Adam updates.
 
     python bench/bench_unit.py [--width 64] [--batch 128] [--steps 10] [--data fashion_mnist]
 """
@@ -62,7 +63,8 @@ def main(argv=None):
         torch.manual_seed(0)
         model = build_model(args.model, dataset.in_channels, dataset.num_classes, dataset.image_size,
                             width=args.width)
-        report = defense.run(model, clean, UNITConfig(steps=args.steps, batch_size=args.batch), progress=False).report
+        config = UNITConfig(steps=args.steps, batch_size=args.batch, step_unit="batch")
+        report = defense.run(model, clean, config, progress=False).report
         print(json.dumps({"tighten": report["phases"]["tighten"], "clean": len(clean), "dataset": dataset.name}))
         return
     print(f"UNIT tightening · {args.model} width {args.width} · {args.data} · batch {args.batch} · "

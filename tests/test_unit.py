@@ -4,7 +4,7 @@ from torch import nn
 
 from pydefend import graph
 from pydefend.defenses import UNIT, UNITConfig, CleanData
-from pydefend.defenses.unit import _next_alpha
+from pydefend.defenses.unit import AlphaSchedule
 from pydefend.metrics import evaluate
 from pydefend.models import build_model
 from pydefend.repaired import load_repaired, save_repaired
@@ -44,18 +44,18 @@ def test_kept_bounds_are_the_tightest_within_budget(tiny_backdoor, unit_run):
 
 
 def test_alpha_schedules():
-    paper, official = UNITConfig(), UNITConfig.official()
-    assert _next_alpha(1.0, True, 0, 0, paper)[0] == 0.5 and _next_alpha(1.0, False, 0, 0, paper)[0] == 2.0
-    alpha, within, outside = 1.0, 0, 0
-    for _ in range(4):
-        alpha, within, outside = _next_alpha(alpha, False, within, outside, official)
-    assert alpha == 1.0  # patience not yet reached
-    alpha, within, outside = _next_alpha(alpha, False, within, outside, official)
-    assert alpha == 2.0
-    for _ in range(5):
-        alpha, within, outside = _next_alpha(alpha, True, within, outside, official)
-    assert alpha == pytest.approx(2.0 / 2 ** 1.5)
-    assert (official.steps, official.epsilon, official.betas) == (300, 0.03, (0.5, 0.9))
+    paper = AlphaSchedule(UNITConfig())
+    assert [paper.update(over) for over in (True, True, False)] == [5e-4, 2.5e-4, 5e-4]
+
+    official = UNITConfig.official()
+    assert (official.steps, official.step_unit, official.epsilon, official.betas) == (300, "full", 0.03, (0.5, 0.9))
+    s, a0 = AlphaSchedule(official), official.alpha0
+    assert [s.update(False) for _ in range(5)] == [a0] * 4 + [2 * a0]  # ×2 after 5 steps within budget
+    assert [s.update(True) for _ in range(5)] == [2 * a0] * 4 + [pytest.approx(2 * a0 / 2 ** 1.5)]
+    assert [s.update(True) for _ in range(5)][-1] == pytest.approx(2 * a0 / 2 ** 3)  # now below α0
+    assert s.update(False) == s.update(False) == pytest.approx(2 * a0 / 2 ** 3)
+    s.update(True)  # leaving the budget restarts the count back to α0
+    assert [s.update(False) for _ in range(5)] == [pytest.approx(2 * a0 / 2 ** 3)] * 4 + [a0]
 
 
 class PreActBlockNet(nn.Module):
@@ -98,9 +98,50 @@ def test_save_load_round_trip(tiny_backdoor, unit_run, tmp_path):
     assert (tmp_path / "report.json").exists()
 
 
+def _mlp_and_data(n=50):
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    return model, CleanData(torch.randn(n, 6), torch.randint(0, 3, (n,)), 3)
+
+
+def test_full_steps_are_adam_updates_on_the_whole_training_part():
+    """Algorithm 1 lines 5-11 for two steps in float64, full batch; pydefend accumulates 7-sample mini-batches."""
+    model, clean = _mlp_and_data()
+    config = UNITConfig(steps=2, step_unit="full", batch_size=7, epsilon=1.0)  # every step within budget
+    result = UNIT().run(model, clean, config, progress=False)
+    assert result.report["best_step"] == 2
+
+    train, _ = clean.split(config.val_fraction, config.seed)
+    w1, b1, w2, b2 = (p.detach().double() for p in model.parameters())
+    h = torch.relu(train.x.double() @ w1.T + b1)
+    sigma = (h.mean(0) + 4 * h.var(0, unbiased=False).sqrt()).requires_grad_(True)
+    opt = torch.optim.Adam([sigma], lr=config.lr, betas=config.betas)
+    alpha = config.alpha0
+    for _ in range(2):
+        logits = torch.minimum(h, sigma) @ w2.T + b2
+        loss = torch.nn.functional.cross_entropy(logits, train.y) + alpha * sigma.abs().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        alpha *= 2  # within budget
+    (upper,) = [m.upper for name, m in result.model.named_modules() if name.startswith("pydefend_sites.")]
+    torch.testing.assert_close(upper.double(), sigma.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("step_unit, updates_per_step", [("epoch", 3), ("batch", 1), ("full", 1)])
+def test_updates_per_step(monkeypatch, step_unit, updates_per_step):
+    calls = []
+    adam_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: calls.append(1) or adam_step(self, *a, **k))
+    model, clean = _mlp_and_data(50)  # 40 training samples in mini-batches of 16
+    UNIT().run(model, clean, UNITConfig(steps=2, step_unit=step_unit, batch_size=16), progress=False)
+    assert len(calls) == 2 * updates_per_step
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="granularity"):
         UNITConfig(granularity="layer")
+    with pytest.raises(ValueError, match="step_unit"):
+        UNITConfig(step_unit="pass")
 
 
 def test_model_without_activations_is_refused():

@@ -5,10 +5,16 @@
    feature map (σ "can be a feature map", as the authors' code) or per channel.
 2. Initialise each bound at mean + 4·std of its activation over the clean
    training part (the clean data minus a validation part, n_v/n_t = 1/4).
-3. For S steps: one Adam step on CE + α·‖σ‖₁ over a mini-batch (weights
-   frozen: only σ learns), then the validation accuracy P'. α halves when
+3. For S steps: descend CE + α·‖σ‖₁ over the training part (weights frozen:
+   only σ learns), then measure the validation accuracy P'. α halves when
    P0 − P' > ε, else doubles. Keep σ* = the bounds with the smallest ‖σ‖₁
    among those with P' ≥ P0 − ε.
+
+A step of Algorithm 1 takes the loss over all n_t training samples (line 5).
+By default (`step_unit="epoch"`) it is a pass over them in mini-batches with
+one Adam update per mini-batch; `step_unit="batch"` makes a step one
+mini-batch update, which moves each bound by at most about lr per step and
+left the Blended backdoor in place (results/unit.md).
 
 ReLU sites use the fused clip (min(max(x, 0), σ)) whose backward keeps a
 2-bit mask instead of the activation, and while σ is learned, convolutions,
@@ -16,9 +22,10 @@ linear layers and eval-mode BatchNorm run as frozen-weight stand-ins that
 keep no activations (pydefend/frozen.py): the masks are what stays alive.
 
 Defaults follow the paper; `UNITConfig.official()` gives the authors' code:
-300 steps, ε = 3 %, Adam betas (0.5, 0.9), penalty Σ over layers of the mean
-bound, a patience-5 schedule (×2 after 5 steps within budget, ÷2^1.5 after
-5 outside) and bounds clamped ≥ 0.
+300 steps of one update on the whole training part, ε = 3 %, Adam betas
+(0.5, 0.9), penalty Σ over layers of the mean bound, a patience-5 schedule
+(×2 after 5 steps within budget, ÷2^1.5 after 5 outside, back to α0 after 5
+within budget below it) and bounds clamped ≥ 0.
 """
 from __future__ import annotations
 
@@ -54,9 +61,14 @@ class UNITConfig:
     clamp_nonnegative: bool = False
     attention: bool = True  # also bound nn.MultiheadAttention outputs
     batch_size: int = 128
+    # A step: one Adam update per mini-batch over the training part ("epoch"), one update on a single
+    # mini-batch ("batch"), or one update on the whole training part, accumulated over mini-batches ("full").
+    step_unit: str = "epoch"
     seed: int = 0
 
     def __post_init__(self):
+        if self.step_unit not in ("epoch", "batch", "full"):
+            raise ValueError(f"UNIT step_unit must be 'epoch', 'batch' or 'full', got {self.step_unit!r}")
         if self.granularity not in ("element", "channel"):
             raise ValueError(f"UNIT granularity must be 'element' or 'channel', got {self.granularity!r}")
         if self.penalty not in ("l1", "layer_mean"):
@@ -69,7 +81,7 @@ class UNITConfig:
     @classmethod
     def official(cls, **overrides) -> "UNITConfig":
         """The settings of the authors' released code."""
-        base = dict(steps=300, epsilon=0.03, betas=(0.5, 0.9), penalty="layer_mean", schedule="patience",
+        base = dict(steps=300, step_unit="full", epsilon=0.03, betas=(0.5, 0.9), penalty="layer_mean", schedule="patience",
                     clamp_nonnegative=True)
         return cls(**{**base, **overrides})
 
@@ -178,37 +190,41 @@ class UNIT:
 
     def _tighten(self, bounded, uppers, train, val, p0, p_init, config, device, progress):
         opt = torch.optim.Adam(uppers, lr=config.lr, betas=config.betas)
-        alpha = config.alpha0
+        schedule = AlphaSchedule(config)
+        alpha = schedule.alpha
         l1 = lambda: sum(float(u.detach().abs().sum()) for u in uppers)  # noqa: E731
         best = [u.detach().clone() for u in uppers]  # σ* = σ0 (Algorithm 1, line 2)
         best_norm, best_acc, best_step = l1(), p_init, None
         initial_means = [float(u.detach().mean()) for u in uppers]
-        within = outside = 0
         steps = []
         batches = train.endless_batches(config.batch_size, config.seed)
         bar = progress_bar(range(config.steps), "UNIT tighten", enabled=progress)
         for step in bar:
-            x, y = next(batches)
-            if config.penalty == "l1":
-                penalty = sum(u.abs().sum() for u in uppers)
-            else:
-                penalty = sum(u.mean() for u in uppers)
-            loss = F.cross_entropy(bounded(x.to(device)), y.to(device)) + alpha * penalty
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if config.clamp_nonnegative:
-                with torch.no_grad():
-                    for u in uppers:
-                        u.clamp_(min=0)
+            losses = []
+            for n, group in _updates_of_step(config, train, batches):
+                opt.zero_grad(set_to_none=True)
+                loss = 0.0
+                for x, y in group:  # several mini-batches only for step_unit="full": gradients accumulate
+                    ce = F.cross_entropy(bounded(x.to(device)), y.to(device), reduction="sum") / n
+                    ce.backward()
+                    loss += float(ce.detach())
+                penalty = alpha * (sum(u.abs().sum() for u in uppers) if config.penalty == "l1"
+                                   else sum(u.mean() for u in uppers))
+                penalty.backward()
+                opt.step()
+                losses.append(loss + float(penalty.detach()))
+                if config.clamp_nonnegative:
+                    with torch.no_grad():
+                        for u in uppers:
+                            u.clamp_(min=0)
             acc = accuracy(bounded, val, device=device)
             norm = l1()
             if acc >= p0 - config.epsilon and norm < best_norm:
                 best = [u.detach().clone() for u in uppers]
                 best_norm, best_acc, best_step = norm, acc, step + 1
-            steps.append({"step": step + 1, "loss": float(loss.detach()), "alpha": alpha, "val_accuracy": acc,
-                          "l1": norm})
-            alpha, within, outside = _next_alpha(alpha, p0 - acc > config.epsilon, within, outside, config)
+            steps.append({"step": step + 1, "loss": sum(losses) / len(losses), "alpha": alpha,
+                          "val_accuracy": acc, "l1": norm})
+            alpha = schedule.update(over_budget=p0 - acc > config.epsilon)
             bar.set_postfix(acc=f"{acc:.3f}", alpha=f"{alpha:.1e}")
         with torch.no_grad():
             for u, b in zip(uppers, best):
@@ -216,16 +232,42 @@ class UNIT:
         return {"steps": steps, "best_step": best_step, "best_accuracy": best_acc, "initial_means": initial_means}
 
 
-def _next_alpha(alpha, over_budget, within, outside, config):
-    if config.schedule == "paper":
-        return (alpha / 2 if over_budget else alpha * 2), 0, 0
-    # authors' code (Neural-Cleanse style): change only after `patience` steps in a row
-    within, outside = (0, outside + 1) if over_budget else (within + 1, 0)
-    if within >= config.patience:
-        return alpha * 2, 0, 0
-    if outside >= config.patience:
-        return alpha / 2 ** 1.5, 0, 0
-    return alpha, within, outside
+def _updates_of_step(config, train, batches):
+    """A step's Adam updates: (sample count, the mini-batches whose mean loss the update descends)."""
+    if config.step_unit == "full":  # one update on the whole training part
+        yield len(train), train.batches(config.batch_size)
+        return
+    for _ in range(1 if config.step_unit == "batch" else math.ceil(len(train) / config.batch_size)):
+        x, y = next(batches)
+        yield len(y), [(x, y)]
+
+
+class AlphaSchedule:
+    """α after each step: the paper's ×2 / ÷2 every step, or the authors' patience schedule."""
+
+    def __init__(self, config: UNITConfig):
+        self.config, self.alpha = config, config.alpha0
+        self.within = self.outside = self.below_start = 0
+
+    def update(self, over_budget: bool) -> float:
+        c = self.config
+        if c.schedule == "paper":
+            self.alpha = self.alpha / 2 if over_budget else self.alpha * 2
+            return self.alpha
+        # The authors' code (Neural-Cleanse style): α returns to α0 after `patience` steps within budget
+        # below it, and moves only after `patience` steps in a row on one side of the budget.
+        if self.alpha < c.alpha0 and not over_budget:
+            self.below_start += 1
+            if self.below_start >= c.patience:
+                self.alpha, self.within, self.outside = c.alpha0, 0, 0
+        else:
+            self.below_start = 0
+        self.within, self.outside = (0, self.outside + 1) if over_budget else (self.within + 1, 0)
+        if self.within >= c.patience:
+            self.within, self.alpha = 0, self.alpha * 2
+        if self.outside >= c.patience:
+            self.outside, self.alpha = 0, self.alpha / 2 ** 1.5
+        return self.alpha
 
 
 def _plot_trace(report, config, path):
