@@ -191,7 +191,6 @@ class UNIT:
     def _tighten(self, bounded, uppers, train, val, p0, p_init, config, device, progress):
         opt = torch.optim.Adam(uppers, lr=config.lr, betas=config.betas)
         schedule = AlphaSchedule(config)
-        alpha = schedule.alpha
         l1 = lambda: sum(float(u.detach().abs().sum()) for u in uppers)  # noqa: E731
         best = [u.detach().clone() for u in uppers]  # σ* = σ0 (Algorithm 1, line 2)
         best_norm, best_acc, best_step = l1(), p_init, None
@@ -208,7 +207,7 @@ class UNIT:
                     ce = F.cross_entropy(bounded(x.to(device)), y.to(device), reduction="sum") / n
                     ce.backward()
                     loss += float(ce.detach())
-                penalty = alpha * (sum(u.abs().sum() for u in uppers) if config.penalty == "l1"
+                penalty = schedule.alpha * (sum(u.abs().sum() for u in uppers) if config.penalty == "l1"
                                    else sum(u.mean() for u in uppers))
                 penalty.backward()
                 opt.step()
@@ -222,10 +221,10 @@ class UNIT:
             if acc >= p0 - config.epsilon and norm < best_norm:
                 best = [u.detach().clone() for u in uppers]
                 best_norm, best_acc, best_step = norm, acc, step + 1
-            steps.append({"step": step + 1, "loss": sum(losses) / len(losses), "alpha": alpha,
+            steps.append({"step": step + 1, "loss": sum(losses) / len(losses), "alpha": schedule.alpha,
                           "val_accuracy": acc, "l1": norm})
-            alpha = schedule.update(over_budget=p0 - acc > config.epsilon)
-            bar.set_postfix(acc=f"{acc:.3f}", alpha=f"{alpha:.1e}")
+            schedule.update(over_budget=p0 - acc > config.epsilon)
+            bar.set_postfix(acc=f"{acc:.3f}", alpha=f"{schedule.alpha:.1e}")
         with torch.no_grad():
             for u, b in zip(uppers, best):
                 u.copy_(b)
@@ -259,7 +258,7 @@ class AlphaSchedule:
         if self.alpha < c.alpha0 and not over_budget:
             self.below_start += 1
             if self.below_start >= c.patience:
-                self.alpha, self.within, self.outside = c.alpha0, 0, 0
+                self.alpha, self.within, self.outside, self.below_start = c.alpha0, 0, 0, 0
         else:
             self.below_start = 0
         self.within, self.outside = (0, self.outside + 1) if over_budget else (self.within + 1, 0)
