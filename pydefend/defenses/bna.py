@@ -1,4 +1,5 @@
-"""BNA: backdoor mitigation by distribution alignment (shared/papers/bna.txt, §4.1-4.2, §5.1, appendices 8, 10).
+"""BNA: backdoor mitigation by distribution alignment (Li et al., "Backdoor Mitigation by Correcting the
+Distribution of Neural Activations", arXiv:2308.09850, 2023; §4.1-4.2, §5.1, appendices 8, 10).
 
 Detection before mitigation:
 1. Reverse-engineer a trigger for every putative target class t
@@ -204,10 +205,12 @@ class TriggerBank(nn.Module):
 
     def apply(self, x: torch.Tensor, jobs: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) with job index per row."""
+        # index_select, not t[jobs]: the backward of advanced indexing accumulates with atomics on CPU, so
+        # its sums (and every trigger after them) would change from run to run
         if self.kind == "patch":
-            m, p = self.mask()[jobs], self.pattern()[jobs]
+            m, p = self.mask().index_select(0, jobs), self.pattern().index_select(0, jobs)
             return (1 - m) * x + m * p
-        return (x + self.delta[jobs]).clamp(self.lo, self.hi)
+        return (x + self.delta.index_select(0, jobs)).clamp(self.lo, self.hi)
 
     def sizes(self) -> torch.Tensor:
         if self.kind == "patch":
