@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -13,6 +14,7 @@ from .attacks import Attack, poison_dataset
 from .data import Dataset
 from .metrics import evaluate
 from .models import build_model
+from .reproducible import thread_count_independent
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +87,7 @@ def train_backdoored(dataset: Dataset, model_name: str, model_config: dict | Non
     generator = torch.Generator().manual_seed(seed)
     bar = _Progress(epochs * steps_per_epoch, epochs, progress, f"{attack.name if attack else 'clean'}/{model_name}")
     start = time.perf_counter()
-    try:
+    with thread_count_independent(model), contextlib.closing(bar):
         model.train()
         for epoch in range(epochs):
             order = torch.randperm(n, generator=generator)
@@ -106,8 +108,6 @@ def train_backdoored(dataset: Dataset, model_name: str, model_config: dict | Non
                 correct += (logits.argmax(1) == y).sum().item()
                 bar.step(loss.item())
             bar.epoch_end(epoch, loss_sum / n, correct / n)
-    finally:
-        bar.close()
     train_time = time.perf_counter() - start
     metrics = evaluate(model, dataset, attack, batch_size=max(batch_size, 256), device=device)
     metrics.update(train_time_s=train_time, poisoned=len(poisoned), epochs=epochs)

@@ -1,4 +1,6 @@
-"""TSBD: two-stage backdoor defense (shared/papers/tsbd.txt, §3.4, Algorithms 1-2, appendix C).
+"""TSBD: two-stage backdoor defense (Lin et al., "Unveiling and Mitigating Backdoor Vulnerabilities
+based on Unlearning Weight Changes and Backdoor Activeness", NeurIPS 2024, arXiv:2405.20291; §3.4, Algorithms 1-2,
+appendix C).
 
 Stage 1, NWC-based backdoor re-initialisation:
   a. Clean unlearning: on a copy of the model, gradient *ascent* on the
@@ -56,6 +58,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..monitor import PhaseRecorder
+from ..reproducible import thread_count_independent
 from ..ops.neuron_l1 import CONV_TYPES, neuron_l1_change, select_and_zero
 from ..progress import progress_bar
 from .base import (AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, pyplot, register,
@@ -191,7 +194,8 @@ class TSBD:
 
         with phases.phase("unlearn"):
             unlearned = copy.deepcopy(model)
-            unlearn = self._unlearn(unlearned, clean, config, device, progress)
+            with thread_count_independent(unlearned):
+                unlearn = self._unlearn(unlearned, clean, config, device, progress)
 
         with phases.phase("reinitialise"):
             names = [name for name, _ in layers]
@@ -199,7 +203,7 @@ class TSBD:
             del unlearned
             acc_reinit = accuracy(model.eval(), clean, device=device)
 
-        with phases.phase("finetune"):
+        with phases.phase("finetune"), thread_count_independent(model):
             finetune = self._finetune(model, clean, config, device, progress)
         model.eval()
         for p, flag in zip(model.parameters(), flags):

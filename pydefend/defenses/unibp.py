@@ -1,4 +1,5 @@
-"""UniBP: BatchNorm-affine pruning by rectification Fisher (shared/papers/unibp.txt, §3.3, eqs. 2–6).
+"""UniBP: BatchNorm-affine pruning by rectification Fisher ("UniBP: Toward Universal Backdoor
+Purification via Fine-tuning", anonymous submission under double-blind review; §3.3, eqs. 2–6).
 
 1. Reset (θ* → θ′): every BatchNorm affine pair becomes (γ, β) = (1, 0).
 2. Rectify θ′ on the clean data with  L = CE + log L_BN  (eq. 2), where
@@ -62,6 +63,7 @@ from torch import nn
 
 from ..monitor import PhaseRecorder
 from ..ops.diag_fisher import DiagFisher
+from ..reproducible import thread_count_independent
 from ..progress import progress_bar
 from .base import (AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, pyplot, register,
                    save_figure)
@@ -338,13 +340,13 @@ class UniBP:
         backdoored = model.to(device).eval()
         with phases.phase("reset"):
             prime, refs = self.reset(backdoored, clean, config, device)
-        with phases.phase("rectify"):
+        with phases.phase("rectify"), thread_count_independent(prime):
             scores, rectify_trace = self.rectify(prime, refs, clean, config, device, progress)
         with phases.phase("mask"):
             mask, k = select_mask(backdoored, scores, config)
             pruned = prune(prime if config.base == "rectified" else backdoored, mask, config, device)
             pruned_acc = accuracy(pruned.eval(), clean, device=device)
-        with phases.phase("finetune"):
+        with phases.phase("finetune"), thread_count_independent(pruned):
             finetune_trace = finetune(pruned, mask, clean, config, device, progress)
         pruned.eval()
         report = {

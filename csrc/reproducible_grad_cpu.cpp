@@ -1,0 +1,108 @@
+// Weight and bias gradients of Conv2d and Linear that do not depend on the thread count.
+//
+// torch's CPU kernels (oneDNN for convolutions, MKL for matrix products) split the reduction over the
+// batch between threads, so a weight gradient changes in its last bits with torch.set_num_threads, and
+// a fine-tuning run then drifts to another result. Here the batch is cut into chunks of a fixed number
+// of rows; every chunk's gradient is computed by one thread, and the chunks are added in their order.
+// Each bit of the result is then a function of the inputs alone.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <exception>
+#include <mutex>
+#include <vector>
+
+namespace pydefend {
+namespace {
+
+// f(c) for every chunk, each on one thread. The chunks run inside an active OpenMP team even when there is
+// only one of them, so the kernels they call see a parallel region and run sequentially, and each task asks
+// for one thread, so oneDNN builds its kernels for one (built for the team, they would wait on a barrier
+// for threads that never come). With one torch thread everything is sequential anyway.
+template <typename F>
+void for_each_chunk_single_threaded(int64_t chunks, const F& f) {
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < chunks; ++c) f(c);
+    return;
+  }
+  std::exception_ptr error;
+  std::mutex error_mutex;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) {
+    omp_set_num_threads(1);
+    try {
+      f(c);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+std::tuple<at::Tensor, at::Tensor> sum_in_order(std::vector<at::Tensor>& weights, std::vector<at::Tensor>& biases,
+                                               bool bias) {
+  at::Tensor weight = weights[0];
+  for (size_t c = 1; c < weights.size(); ++c) weight.add_(weights[c]);
+  at::Tensor bias_grad;
+  if (bias) {
+    bias_grad = biases[0];
+    for (size_t c = 1; c < biases.size(); ++c) bias_grad.add_(biases[c]);
+  }
+  return {weight, bias_grad};
+}
+
+// grad_out (N, C_out, H', W'), input (N, C_in, H, W): (dL/dweight, dL/dbias or undefined).
+std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                         const at::Tensor& weight, at::IntArrayRef stride,
+                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                         int64_t groups, bool bias, int64_t chunk) {
+  TORCH_CHECK(input.dim() == 4 && grad_out.dim() == 4 && weight.dim() == 4,
+              "conv2d_weight_grad: expects 4-D input, grad_out and weight");
+  TORCH_CHECK(input.size(0) == grad_out.size(0) && chunk > 0, "conv2d_weight_grad: batch sizes differ");
+  const int64_t n = input.size(0), chunks = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+  std::vector<at::Tensor> weights(chunks), biases(chunks);
+  for_each_chunk_single_threaded(chunks, [&](int64_t c) {
+    const int64_t start = c * chunk, length = std::min(chunk, n - start);
+    const at::Tensor g = grad_out.narrow(0, start, length);
+    weights[c] = std::get<1>(at::convolution_backward(g, input.narrow(0, start, length), weight, std::nullopt,
+                                                      stride, padding, dilation, false, {0, 0}, groups,
+                                                      {false, true, false}));
+    if (bias) biases[c] = g.sum({0, 2, 3});
+  });
+  return sum_in_order(weights, biases, bias);
+}
+
+// grad_out (R, out), input (R, in): (grad_outᵀ·input, Σ_rows grad_out or undefined).
+std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                         bool bias, int64_t chunk) {
+  TORCH_CHECK(input.dim() == 2 && grad_out.dim() == 2 && input.size(0) == grad_out.size(0) && chunk > 0,
+              "linear_weight_grad: expects grad_out (R, out) and input (R, in)");
+  const int64_t rows = input.size(0), chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
+  std::vector<at::Tensor> weights(chunks), biases(chunks);
+  for_each_chunk_single_threaded(chunks, [&](int64_t c) {
+    const int64_t start = c * chunk, length = std::min(chunk, rows - start);
+    const at::Tensor g = grad_out.narrow(0, start, length);
+    weights[c] = g.t().mm(input.narrow(0, start, length));
+    if (bias) biases[c] = g.sum(0);
+  });
+  return sum_in_order(weights, biases, bias);
+}
+
+}  // namespace
+}  // namespace pydefend
+
+TORCH_LIBRARY_FRAGMENT(pydefend_native, m) {
+  m.def(
+      "conv2d_weight_grad(Tensor grad_out, Tensor input, Tensor weight, int[] stride, int[] padding, "
+      "int[] dilation, int groups, bool bias, int chunk) -> (Tensor grad_weight, Tensor grad_bias)");
+  m.def("linear_weight_grad(Tensor grad_out, Tensor input, bool bias, int chunk) -> (Tensor grad_weight, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(pydefend_native, CPU, m) {
+  m.impl("conv2d_weight_grad", &pydefend::conv2d_weight_grad_cpu);
+  m.impl("linear_weight_grad", &pydefend::linear_weight_grad_cpu);
+}
