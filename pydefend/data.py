@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -285,8 +287,31 @@ def load_image_folder(path: str | os.PathLike, test_fraction: float = 0.2, seed:
     return _split(root.name, x, y, test_fraction, seed, len(class_dirs))
 
 
+_SIZE_SUFFIX = re.compile(r"^(?P<base>.+)@(?P<height>[1-9][0-9]*)(?:x(?P<width>[1-9][0-9]*))?$")
+
+
+def resized(dataset: Dataset, size) -> Dataset:
+    """Every image area-averaged (box-filtered) to ``size`` (an int or (H, W)).
+
+    Computed in float64 and rounded once, so the images do not depend on the CPU's kernels.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.interpolate(chunk.double(), size=(height, width), mode="area").float()
+                          for chunk in x.split(8192)])
+
+    return Dataset(f"{dataset.name.split('@')[0]}@{height}x{width}", resize(dataset.x_train), dataset.y_train,
+                   resize(dataset.x_test), dataset.y_test, dataset.num_classes)
+
+
 def load_dataset(spec: str, seed: int = 0) -> Dataset:
-    """'digits', 'fashion_mnist', a path to an ``.npz`` file, or an image folder."""
+    """'digits', 'fashion_mnist', a path to an ``.npz`` file, or an image folder; ``SPEC@HxW`` (or ``@N``)
+    resizes every image to H×W (N×N) by area averaging, e.g. ``fashion_mnist@16x16``."""
+    match = _SIZE_SUFFIX.match(spec)
+    if match:
+        height = int(match["height"])
+        return resized(load_dataset(match["base"], seed), (height, int(match["width"] or height)))
     if spec == "digits":
         return load_digits(seed=seed)
     if spec in ("fashion_mnist", "fashion-mnist"):
@@ -297,4 +322,4 @@ def load_dataset(spec: str, seed: int = 0) -> Dataset:
     if path.is_dir():
         return load_image_folder(path, seed=seed)
     raise FileNotFoundError(f"unknown dataset {spec!r}: expected 'digits', 'fashion_mnist', "
-                            f"an existing .npz file or an image folder")
+                            f"an existing .npz file or an image folder, optionally with @HxW to resize")

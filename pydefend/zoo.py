@@ -29,7 +29,9 @@ def zoo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _dataset_tag(spec: str) -> str:
     """A short directory-name-safe tag for a dataset spec (a name or a path)."""
-    return Path(spec).stem if spec not in ("digits", "fashion_mnist") else spec
+    base, _, size = spec.partition("@")
+    tag = base if base in ("digits", "fashion_mnist") else Path(base).stem
+    return f"{tag}-{size}" if size else tag
 
 
 def get_or_train(attack_name: str, dataset_name: str = "fashion_mnist", model: str = "preact_resnet18",

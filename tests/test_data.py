@@ -209,3 +209,16 @@ def test_image_folder(tmp_path):
     dataset = load_image_folder(tmp_path)
     assert dataset.input_shape == (1, 7, 9) and dataset.num_classes == 2
     assert dataset.x_train.shape[0] + dataset.x_test.shape[0] == 10
+
+
+def test_size_suffix_area_averages_every_image():
+    base, small = load_dataset("digits"), load_dataset("digits@4x4")
+    # 8×8 -> 4×4 averages 2×2 blocks; eighths of sixteenths are exact in float32
+    blocks = base.x_train.double().view(-1, 1, 4, 2, 4, 2).mean((3, 5)).float()
+    assert torch.equal(small.x_train, blocks) and torch.equal(small.y_train, base.y_train)
+    assert small.name == "digits@4x4" and small.image_size == (4, 4)
+    assert load_dataset("digits@3").x_test.shape[1:] == (1, 3, 3)
+    odd = load_dataset("digits@5x3").x_train
+    assert odd.shape[1:] == (1, 5, 3) and 0 <= odd.min() and odd.max() <= 1
+    with pytest.raises(FileNotFoundError, match="@HxW"):
+        load_dataset("digits@0x4")
