@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .environment import environment
 from .models import build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -89,15 +89,8 @@ def _format_json(value, indent: int = 0) -> str:
     return json.dumps(value)
 
 
-def _versions() -> dict:
-    versions = {"torch": torch.__version__, "python": platform.python_version(), "pydefend": None}
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        versions["pydefend"] = version("pydefend")
-    except PackageNotFoundError:
-        import pydefend
-        versions["pydefend"] = getattr(pydefend, "__version__", None)
-    return versions
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def model_spec(name: str, in_channels: int, num_classes: int, image_size, config: dict | None = None) -> dict:
@@ -129,7 +122,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, spec: dict, 
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": spec, "dataset": dataset, "attack": attack, "seed": seed,
         "clean_indices": None if clean_indices is None else [int(i) for i in clean_indices],
-        "metrics": metrics, "train_time_s": train_time_s, "versions": _versions(),
+        "metrics": metrics, "train_time_s": train_time_s, "environment": environment(_device_of(model), seed=seed),
         **(extra or {}),
     }
     # Write the weights first: a directory with meta.json always has matching weights.

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from .defenses import CleanData, get_defense
+from .environment import environment
 from .metrics import defense_effectiveness_rating, detection_rates, evaluate
+from .monitor import METHOD as MEMORY_METHOD
 from .repaired import save_repaired
 
 
@@ -46,13 +48,18 @@ def parse_overrides(config_cls, pairs: list[str], preset: str | None = None):
 
 
 def run_defense(method: str, model, dataset, attack, clean_indices, config=None, device="cpu",
-                progress: bool = True, out_dir=None, model_spec: dict | None = None, source: dict | None = None):
-    """Returns (report dict, DefenseResult). Writes report, plots and model into out_dir when given."""
+                progress: bool = True, out_dir=None, model_spec: dict | None = None, source: dict | None = None,
+                before: dict | None = None):
+    """Returns (report dict, DefenseResult). Writes report, plots and model into out_dir when given.
+
+    ``before``: the model's metrics on this dataset and attack, when already measured.
+    """
     defense_cls = get_defense(method)
     idx = torch.as_tensor(clean_indices, dtype=torch.long)
     clean = CleanData(dataset.x_train[idx], dataset.y_train[idx], dataset.num_classes)
     start = time.perf_counter()
-    before = evaluate(model, dataset, attack, device=device)
+    if before is None:
+        before = evaluate(model, dataset, attack, device=device)
     result = defense_cls().run(model, clean, config, device=device, progress=progress)
     after = evaluate(result.model, dataset, attack, device=device)
     report = dict(result.report)
@@ -62,13 +69,13 @@ def run_defense(method: str, model, dataset, attack, clean_indices, config=None,
     if getattr(result.model, "flags_triggered_inputs", False):
         report["metrics"]["test_time_detection"] = detection_rates(result.model, dataset, attack, device=device)
     report["total_seconds"] = round(time.perf_counter() - start, 3)
+    report["memory_method"] = MEMORY_METHOD
+    report["environment"] = environment(device, seed=report.get("config", {}).get("seed"))
     if out_dir is not None:
         out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         if model_spec is not None:
-            save_repaired(out, result.model, model_spec, method, result.inserted, report, source, result.wrapper)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            save_repaired(out, result.model, model_spec, method, result.inserted, None, source, result.wrapper)
         report["plots"] = _draw_plots(result.plots, out)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report, result
@@ -87,13 +94,13 @@ def summary_row(name: str, report: dict) -> list[str]:
     m = report["metrics"]
     b, a = m["before"], m["after"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    peak = max((p["peak_bytes"] for p in report.get("phases", {}).values()), default=0)
+    peaks = [p["peak_bytes"] for p in report.get("phases", {}).values() if p["peak_bytes"] is not None]
     row = [name, f"{pct(b['acc'])} → {pct(a['acc'])}"]
     if "asr" in b:
         row += [f"{pct(b['asr'])} → {pct(a['asr'])}", f"{pct(b['ra'])} → {pct(a['ra'])}", f"{m['der']:.3f}"]
     else:
         row += ["–", "–", "–"]
-    row += [f"{report['total_seconds']:.1f}", f"{peak / 2**20:.0f}"]
+    row += [f"{report['total_seconds']:.1f}", f"{max(peaks) / 2**20:.1f}" if peaks else "–"]
     return row
 
 

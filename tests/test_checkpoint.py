@@ -47,7 +47,7 @@ def test_round_trip_gives_identical_outputs(saved, monkeypatch):
     assert torch.equal(restored(x), model(x))
     assert meta["dataset"] == "toy" and meta["seed"] == 3 and meta["clean_indices"] == [4, 8, 15]
     assert meta["metrics"]["asr"] == 0.99 and meta["train_time_s"] == 1.5
-    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["environment"]["torch"] == torch.__version__
     restored_attack = Blended.from_dict(meta["attack"])
     assert torch.equal(restored_attack.apply(x), attack.apply(x))
     # Passing the weights file itself works too.
