@@ -46,4 +46,5 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     package_dir={"pydefend": "pydefend", "pydefend.kernels": "kernels"},
     packages=["pydefend", "pydefend.ops", "pydefend.kernels"],
+    package_data={"pydefend": ["checkpoints/*/*"]},  # the demo's model
 )

@@ -4,18 +4,13 @@ import json
 import pytest
 import torch
 
-from pydefend.checkpoint import save_checkpoint
 from pydefend.cli import main
 from pydefend.repaired import load_repaired
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_backdoor, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(path, tiny_backdoor["model"], tiny_backdoor["spec"], dataset="digits",
-                    attack=tiny_backdoor["attack"].to_dict(), seed=0,
-                    clean_indices=tiny_backdoor["clean_indices"].tolist(), metrics=None)
-    return path
+def checkpoint(tiny_backdoor):
+    return tiny_backdoor["path"]
 
 
 def test_defend_writes_report_plots_and_reloadable_model(checkpoint, tmp_path, capsys):
@@ -26,6 +21,10 @@ def test_defend_writes_report_plots_and_reloadable_model(checkpoint, tmp_path, c
     assert "ASR %" in table and "unit" in table
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["steps"] == 3 and set(report["metrics"]) == {"before", "after", "der"}
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] == torch.get_num_threads()
+    assert env["command"].startswith("pydefend defend --method unit --checkpoint ") and env["seed"] == 0
+    assert {"pydefend", "triton", "python", "cpu", "cpu_capability"} <= set(env)
     assert report["plots"] == ["unit_tightening.png", "unit_bounds.png"]
     assert all((out / name).stat().st_size > 0 for name in report["plots"])
     model = load_repaired(out)

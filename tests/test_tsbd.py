@@ -12,28 +12,35 @@ from pydefend.metrics import evaluate
 from pydefend.repaired import load_repaired, save_repaired
 
 
-def clean_of(fx):
-    idx = fx["clean_indices"]
-    return CleanData(fx["dataset"].x_train[idx], fx["dataset"].y_train[idx], fx["dataset"].num_classes)
+
+@pytest.fixture(scope="module")
+def tsbd_and_stage1_inputs(demo_backdoor):
+    """TSBD with its defaults on the demo's model, and copies of the two models its re-initialisation compared."""
+    seen, reinitialise = {}, TSBD._reinitialise
+
+    def spy(self, model, unlearned, *args):
+        seen["backdoored"], seen["unlearned"] = copy.deepcopy(model), copy.deepcopy(unlearned)
+        return reinitialise(self, model, unlearned, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TSBD, "_reinitialise", spy)
+        result = TSBD().run(copy.deepcopy(demo_backdoor["model"]), demo_backdoor["clean"], progress=False)
+    return result, seen
 
 
 @pytest.fixture(scope="module")
-def tsbd_run(tiny_backdoor):
-    # CI-sized: with the paper's lr 1e-4 and batch 256 the 144 digits take ~475 unlearning steps (one per
-    # epoch) and fine-tuning gets 20 steps; lr 1e-3 and batch 64 take ~10x fewer unlearning steps. (8×8
-    # digits: the default "auto" augmentation does not crop them.)
-    config = TSBDConfig(unlearn_lr=1e-3, batch_size=64)
-    return TSBD().run(copy.deepcopy(tiny_backdoor["model"]), clean_of(tiny_backdoor), config, progress=False)
+def tsbd_run(tsbd_and_stage1_inputs):
+    return tsbd_and_stage1_inputs[0]
 
 
-def test_tsbd_removes_the_backdoor(tiny_backdoor, tsbd_run):
-    before = evaluate(tiny_backdoor["model"], tiny_backdoor["dataset"], tiny_backdoor["attack"])
-    after = evaluate(tsbd_run.model, tiny_backdoor["dataset"], tiny_backdoor["attack"])
+def test_tsbd_removes_the_backdoor(demo_backdoor, tsbd_run):
+    before = demo_backdoor["before"]
+    after = evaluate(tsbd_run.model, demo_backdoor["dataset"], demo_backdoor["attack"])
     assert after["asr"] < 0.2 and before["asr"] > 0.9, (before, after)
     assert after["acc"] > before["acc"] - 0.12, (before, after)
 
 
-def test_report_names_the_zeroed_neurons(tiny_backdoor, tsbd_run):
+def test_report_names_the_zeroed_neurons(tsbd_run):
     report = tsbd_run.report
     assert report["unlearning"]["reached"] and report["clean_accuracy"]["unlearned"] <= 0.10
     layers = report["layers"]
@@ -45,17 +52,35 @@ def test_report_names_the_zeroed_neurons(tiny_backdoor, tsbd_run):
     assert report["zeroed_sub_weights"] == sum(layer["zeroed_sub_weights"] for layer in layers) > 0
     assert set(report["phases"]) == {"unlearn", "reinitialise", "finetune"}
     assert len(report["finetune"]) == 20
-    # the neurons named as selected are the top ones by NWC
-    assert all(layer["nwc_max"] >= report["nwc_threshold"] for layer in layers if layer["selected_neurons"])
     assert all(p.grad is None for p in tsbd_run.model.parameters())
     assert not tsbd_run.model.training
 
 
-def test_plots_and_round_trip(tiny_backdoor, tsbd_run, tmp_path):
+def test_selected_neurons_are_the_top_ones_by_nwc(tsbd_and_stage1_inputs):
+    """The report's selected neurons are the top 15 % by NWC over all convolutions, recomputed in float64."""
+    result, seen = tsbd_and_stage1_inputs
+    backdoored, unlearned = dict(seen["backdoored"].named_modules()), dict(seen["unlearned"].named_modules())
+    scores, names = [], []
+    for layer in result.report["layers"]:
+        a, b = backdoored[layer["name"]].weight.double(), unlearned[layer["name"]].weight.double()
+        nwc = (a - b).abs().flatten(1).sum(1)
+        scores += nwc.tolist()
+        names += [(layer["name"], k) for k in range(nwc.numel())]
+    selected = {(layer["name"], n) for layer in result.report["layers"] for n in layer["selected_neurons"]}
+    k = round(0.15 * len(scores))
+    kth = sorted(scores, reverse=True)[k - 1]
+    assert len(selected) == k and result.report["nwc_threshold"] == pytest.approx(kth, rel=1e-5)
+    # the op accumulates in fp32: only neurons within its rounding of the k-th score may go either way
+    above = {names[i] for i, s in enumerate(scores) if s > kth * (1 + 1e-5)}
+    below = {names[i] for i, s in enumerate(scores) if s < kth * (1 - 1e-5)}
+    assert above <= selected and not (below & selected)
+
+
+def test_plots_and_round_trip(demo_backdoor, tsbd_run, tmp_path):
     for name, draw in tsbd_run.plots.items():
         assert draw(tmp_path / name) is not False and (tmp_path / name).stat().st_size > 0
-    save_repaired(tmp_path, tsbd_run.model, tiny_backdoor["spec"], "tsbd", tsbd_run.inserted, tsbd_run.report)
-    x = tiny_backdoor["dataset"].x_test[:64]
+    save_repaired(tmp_path, tsbd_run.model, demo_backdoor["spec"], "tsbd", tsbd_run.inserted, tsbd_run.report)
+    x = demo_backdoor["dataset"].x_test[:64]
     with torch.no_grad():
         assert torch.equal(load_repaired(tmp_path)(x), tsbd_run.model(x))
 
@@ -128,7 +153,7 @@ def test_unlearning_cap_warns_and_keeps_the_input_model(tiny_backdoor):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = TSBDConfig(unlearn_lr=1e-9, max_unlearn_epochs=2, finetune_epochs=1, inplace=False)
     with pytest.warns(UserWarning, match="did not bring the clean accuracy to 0.1 within max_unlearn_epochs=2"):
-        result = TSBD().run(model, clean_of(tiny_backdoor), config, progress=False)
+        result = TSBD().run(model, tiny_backdoor["clean"], config, progress=False)
     unlearning = result.report["unlearning"]
     assert not unlearning["reached"] and unlearning["epochs"] == 2 and unlearning["steps"] == 2
     assert result.report["clean_accuracy"]["unlearned"] > 0.5

@@ -10,24 +10,20 @@ from pydefend.models import build_model
 from pydefend.repaired import load_repaired, save_repaired
 
 
-def clean_of(fx):
-    idx = fx["clean_indices"]
-    return CleanData(fx["dataset"].x_train[idx], fx["dataset"].y_train[idx], fx["dataset"].num_classes)
-
 
 @pytest.fixture(scope="module")
-def unit_run(tiny_backdoor):
-    return UNIT().run(tiny_backdoor["model"], clean_of(tiny_backdoor), UNITConfig(steps=30), progress=False)
+def unit_run(demo_backdoor):
+    return UNIT().run(demo_backdoor["model"], demo_backdoor["clean"], UNITConfig(), progress=False)
 
 
-def test_unit_lowers_asr_and_keeps_accuracy(tiny_backdoor, unit_run):
-    before = evaluate(tiny_backdoor["model"], tiny_backdoor["dataset"], tiny_backdoor["attack"])
-    after = evaluate(unit_run.model, tiny_backdoor["dataset"], tiny_backdoor["attack"])
+def test_unit_lowers_asr_and_keeps_accuracy(demo_backdoor, unit_run):
+    before = demo_backdoor["before"]
+    after = evaluate(unit_run.model, demo_backdoor["dataset"], demo_backdoor["attack"])
     assert after["asr"] < before["asr"] - 0.3, (before, after)
     assert after["acc"] > before["acc"] - 0.05, (before, after)
 
 
-def test_kept_bounds_are_the_tightest_within_budget(tiny_backdoor, unit_run):
+def test_kept_bounds_are_the_tightest_within_budget(demo_backdoor, unit_run):
     report = unit_run.report
     p0, eps = report["validation_accuracy"]["original"], report["config"]["epsilon"]
     ok = [s for s in report["steps"] if s["val_accuracy"] >= p0 - eps]
@@ -40,7 +36,7 @@ def test_kept_bounds_are_the_tightest_within_budget(tiny_backdoor, unit_run):
         assert report["best_step"] == best["step"]
         assert final_l1 == pytest.approx(best["l1"], rel=1e-6)
     assert all(not p.requires_grad for p in unit_run.model.parameters())
-    assert all(p.grad is None for p in tiny_backdoor["model"].parameters()), "weights must get no gradients"
+    assert all(p.grad is None for p in demo_backdoor["model"].parameters()), "weights must get no gradients"
 
 
 def test_alpha_schedules():
@@ -89,10 +85,10 @@ def test_runs_on_preact_block_and_vit(make, granularity):
                                       else 2 if granularity == "element" else 1)
 
 
-def test_save_load_round_trip(tiny_backdoor, unit_run, tmp_path):
-    save_repaired(tmp_path, unit_run.model, tiny_backdoor["spec"], "unit", unit_run.inserted, unit_run.report)
+def test_save_load_round_trip(demo_backdoor, unit_run, tmp_path):
+    save_repaired(tmp_path, unit_run.model, demo_backdoor["spec"], "unit", unit_run.inserted, unit_run.report)
     loaded = load_repaired(tmp_path)
-    x = tiny_backdoor["dataset"].x_test[:64]
+    x = demo_backdoor["dataset"].x_test[:64]
     with torch.no_grad():
         assert torch.equal(loaded(x), unit_run.model(x))
     assert (tmp_path / "report.json").exists()

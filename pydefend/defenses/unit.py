@@ -1,4 +1,5 @@
-"""UNIT: neural distribution tightening (shared/papers/unit.txt, §4.4, Algorithm 1).
+"""UNIT: neural distribution tightening (Cheng et al., "UNIT: Backdoor Mitigation via Automated Neural Distribution
+Tightening", ECCV 2024, arXiv:2407.11372; §4.4, Algorithm 1).
 
 1. Trace the model and put an upper bound after every activation (ReLU; GELU
    and attention outputs in transformers). Bounds are per element of the
