@@ -22,6 +22,19 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture
+def inductor_vector_isa(monkeypatch):
+    """Under ATEN_CPU_CAPABILITY=default torch's inductor picks no vector ISA, yet its CPU reductions still emit
+    at::vec code, which then fails to compile (torch 2.13). Inductor's generated code is independent of ATen's
+    kernels, so compiled tests give it the widest vector ISA this CPU has."""
+    from torch._inductor import config, cpu_vec_isa
+
+    if not cpu_vec_isa.pick_vec_isa():
+        widths = [isa.bit_width() for isa in cpu_vec_isa.valid_vec_isa_list()]
+        if widths:
+            monkeypatch.setattr(config.cpp, "simdlen", max(widths))
+
+
 def load_fixed_backdoor(path) -> dict:
     """A committed checkpoint with its dataset split, exact attack and the defender's clean data."""
     from pydefend.checkpoint import load_checkpoint

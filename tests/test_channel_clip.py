@@ -116,7 +116,7 @@ def test_opcheck(per_element, relu):
                           (torch.randn_like(y), mask, upper.detach(), cd, relu, [0, 2, 3, 1]))
 
 
-def test_compile_fullgraph_forward_backward():
+def test_compile_fullgraph_forward_backward(inductor_vector_isa):
     x, upper, cd = make_inputs((4, 6, 5, 5), 1, False, torch.float32)
 
     def f(a, b):

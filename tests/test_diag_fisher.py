@@ -305,7 +305,7 @@ def test_ops_opcheck(backend):
                                [0, 0], [1, 1], 2))
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(inductor_vector_isa):
     dy, x, mean, invstd = norm_inputs((4, 1, 6, 9, (1, 1, 6)), torch.float32)
 
     def f(dy, x, mean, invstd, g, a):

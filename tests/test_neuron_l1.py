@@ -124,7 +124,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.pydefend.neuron_l1_change.default, (a, b))
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(inductor_vector_isa):
     a, b = random_lists(5, torch.initial_seed(), max_numel=3000)
     a = [x.float() for x in a]
     b = [y.float() for y in b]

@@ -203,7 +203,7 @@ def test_opcheck():
                               (torch.randn(4), p.detach(), q.detach(), kind, 1e-10))
 
 
-def test_compile_fullgraph_forward_backward():
+def test_compile_fullgraph_forward_backward(inductor_vector_isa):
     z, low, bins, cd = make_case((8, 4, 5, 5), 1, max_bins=60)
     low = low.float()
     q = soft_histogram(torch.randn(8, 4, 5, 5), low, 0.1, bins, 150.0)

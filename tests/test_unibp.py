@@ -18,6 +18,9 @@ def unibp_run(demo_backdoor):
 
 
 def test_backdoor_removed_and_accuracy_kept(demo_backdoor, unibp_run):
+    # UniBP is the weakest of the four on this small model, and depends on its seed: ASR 16.6 % with avx2
+    # kernels, 19.6 % with torch's scalar ones, 10 to 33 % over seeds 0-3 (results/demo.md). The 20 % bar is the
+    # one these tests always had; it passes with little margin and is not loosened.
     before = demo_backdoor["before"]
     after = evaluate(unibp_run.model, demo_backdoor["dataset"], demo_backdoor["attack"])
     assert before["asr"] > 0.9 and after["asr"] < 0.2, (before, after)
