@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from . import modelspec
 from .environment import environment
-from .models import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -72,7 +73,7 @@ def _resolve(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
     if not meta.exists():
         raise CheckpointError(f"{path} has no {META_FILE} (it says how to rebuild the model)")
-    if _looks_pickled(weights):
+    if not _is_safetensors(weights) and _looks_pickled(weights):
         _refuse_pickle(weights)
     return path
 
@@ -94,33 +95,96 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def model_spec(name: str, in_channels: int, num_classes: int, image_size, config: dict | None = None) -> dict:
-    """The JSON description :func:`build_model` needs to rebuild a model."""
+    """The spec of one of pydefend's own models (see pydefend.modelspec for the others)."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    return {"name": name, "in_channels": int(in_channels), "num_classes": int(num_classes),
+    return {"source": "pydefend", "name": name, "in_channels": int(in_channels), "num_classes": int(num_classes),
             "image_size": [int(height), int(width)], "config": dict(config or {})}
 
 
-def build_from_spec(spec: dict) -> nn.Module:
+def build_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
+    return modelspec.build(spec, trust_code=trust_code)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, or from a .pt/.pth state dict read with torch.load(weights_only=True),
+    which unpickles tensors and containers only, never code. A dict holding a "state_dict" entry is unwrapped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if _is_safetensors(path):
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
     try:
-        return build_model(spec["name"], spec["in_channels"], spec["num_classes"],
-                           tuple(spec["image_size"]), **spec.get("config", {}))
-    except KeyError as exc:
-        raise CheckpointError(f"model description lacks field {exc.args[0]!r}: {spec}") from exc
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path} holds more than tensors (a whole pickled model?), which pydefend never unpickles: save the "
+            f"model's state_dict instead, torch.save(model.state_dict(), path)") from exc
+    except Exception as exc:  # torch.load's errors for foreign files vary
+        raise CheckpointError(f"cannot read {path} as safetensors or a torch state dict: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Parses the header: 8 bytes of little-endian length, then that much JSON."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + length <= path.stat().st_size
+
+
+def load_state_into(model: nn.Module, state: dict, source) -> nn.Module:
+    """Loads `state` into the user's model (inside any logits adapter) with a precise error on mismatch."""
+    target = modelspec.inner(model)
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+                   for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    if missing or unexpected or wrong_shape:
+        details = []
+        for label, items in (("missing", missing), ("unexpected", unexpected),
+                             ("wrong shape (file vs model)", wrong_shape)):
+            if items:
+                shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+                details.append(f"{label}: {shown}")
+        raise CheckpointError(f"weights in {source} do not match the model {type(target).__name__}; "
+                              + "; ".join(details))
+    target.load_state_dict(state)
+    return model
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, spec: dict, *,
-                    dataset: str | None = None, attack: dict | None = None, seed: int | None = None,
+                    dataset: str | None = None, data: dict | None = None, attack: dict | None = None,
+                    seed: int | None = None,
                     clean_indices=None, metrics: dict | None = None,
                     train_time_s: float | None = None, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``meta.json`` into ``directory`` (created if needed)."""
+    """Write ``model.safetensors`` and ``meta.json`` into ``directory`` (created if needed).
+
+    ``dataset`` is the data's display name; ``data`` the specs it loads from ({"train", "test"}), by default
+    ``dataset`` itself (pydefend's named datasets carry their own test split).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    state = {key: value.detach().cpu().contiguous() for key, value in modelspec.inner(model).state_dict().items()}
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": spec, "dataset": dataset, "attack": attack, "seed": seed,
+        "model": spec, "dataset": dataset, "data": data or {"train": dataset, "test": None},
+        "attack": attack, "seed": seed,
         "clean_indices": None if clean_indices is None else [int(i) for i in clean_indices],
         "metrics": metrics, "train_time_s": train_time_s, "environment": environment(_device_of(model), seed=seed),
         **(extra or {}),
@@ -145,34 +209,24 @@ def load_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model described in ``meta.json`` and load its safetensors weights.
+def data_spec(meta: dict) -> dict:
+    """{"train", "test"}: the data a checkpoint was trained and evaluated on (older ones name only "dataset")."""
+    data = meta.get("data")
+    if isinstance(data, dict) and isinstance(data.get("train"), str):
+        return {"train": data["train"], "test": data.get("test")}
+    return {"train": meta.get("dataset"), "test": None}
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu", spec: dict | None = None,
+                    trust_code: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild the model described in ``meta.json`` (or by ``spec``) and load its safetensors weights.
 
     Returns (model in eval mode, metadata dict).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = _resolve(path)
     meta = load_meta(directory)
-    model = build_from_spec(meta["model"])
-    try:
-        state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
-    except SafetensorError as exc:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-                   for key, value in expected.items() if key in state and state[key].shape != value.shape]
-    if missing or unexpected or wrong_shape:
-        details = []
-        for label, items in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape (file vs model)", wrong_shape)):
-            if items:
-                shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-                details.append(f"{label}: {shown}")
-        raise CheckpointError(f"weights in {directory} do not match the model {meta['model']['name']} "
-                              f"described in {META_FILE}; " + "; ".join(details))
-    model.load_state_dict(state)
+    if spec is None and not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{directory / META_FILE} does not describe its model")
+    model = build_from_spec(spec or meta["model"], trust_code=trust_code)
+    load_state_into(model, load_weights(directory / WEIGHTS_FILE), directory)
     return model.to(device).eval(), meta

@@ -48,12 +48,56 @@ def _fraction(text):
     return value
 
 
-def _add_training_options(parser, default_epochs, default_data):
+def _clean_fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: all of --data), got {text}")
+    return value
+
+
+def _json_object(text):
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"depth\": 4}}' ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+DATA_HELP = ("digits, fashion_mnist, a .npz file (x_train, y_train, x_test, y_test; or x, y with --test-data), an "
+             "image folder (one sub-folder per class) or module:factory returning a torch Dataset; append @HxW to "
+             "resize")
+
+
+def _add_data_options(parser, default_data):
     parser.add_argument("--data", default=default_data,
-                        help="digits, fashion_mnist, a .npz file (x, y) or an image folder "
-                             f"(one sub-folder per class); default: {default_data}")
-    parser.add_argument("--model", default="preact_resnet18", choices=sorted(MODELS))
-    parser.add_argument("--width", type=_positive_int, default=16, help="base channel count / embed dim")
+                        help=f"{DATA_HELP}; default: {default_data or 'the checkpoint' + chr(39) + 's data'}")
+    parser.add_argument("--test-data", default=None,
+                        help="the test set when --data is one split (.npz with x and y, an image folder or "
+                             "module:factory): pydefend never splits your data itself")
+
+
+def _add_model_options(parser, default_model):
+    parser.add_argument("--model", default=default_model,
+                        help="pydefend's own (" + ", ".join(sorted(MODELS)) + "), torchvision:NAME, timm:NAME, "
+                             "transformers:CLASS, hf:CONFIG_DIR, path/to/file.py:NAME or package.module:NAME"
+                             + (f"; default: {default_model}" if default_model else ""))
+    parser.add_argument("--width", type=_positive_int, default=None,
+                        help="base channel count / embed dim of pydefend's models (default 16)")
+    parser.add_argument("--num-classes", type=_positive_int, default=None,
+                        help="classes of the model (default: from the data)")
+    parser.add_argument("--in-chans", type=_positive_int, default=None, help="input channels (timm, transformers)")
+    parser.add_argument("--img-size", type=_positive_int, default=None, help="input size (timm, transformers)")
+    parser.add_argument("--model-args", type=_json_object, default=None, metavar="JSON",
+                        help="keyword arguments of the model's class or factory, or its config fields")
+
+
+def _add_training_options(parser, default_epochs):
     parser.add_argument("--epochs", type=_positive_int, default=default_epochs)
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (one-cycle)")
@@ -74,7 +118,11 @@ def add_attack_parser(subparsers):
                                    description="Poison a dataset, train a model on it, report "
                                                "ACC/ASR/RA and save a safetensors checkpoint.")
     parser.add_argument("--attack", required=True, choices=sorted(ATTACKS))
-    _add_training_options(parser, default_epochs=10, default_data="digits")
+    _add_data_options(parser, "digits")
+    _add_model_options(parser, "preact_resnet18")
+    _add_training_options(parser, default_epochs=10)
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="SGD with Nesterov momentum, or AdamW (for transformers, e.g. with --lr 0.003)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint directory (default: ./<attack>-<model>)")
     parser.set_defaults(handler=run_attack)
@@ -88,7 +136,12 @@ def add_zoo_parser(subparsers):
                         choices=sorted(ATTACKS) + ["clean"], metavar="ATTACK",
                         help=f"any of {', '.join(sorted(ATTACKS))}, or clean (the same training without "
                              "poisoning); default: badnets blended sig wanet")
-    _add_training_options(parser, default_epochs=6, default_data="fashion_mnist")
+    parser.add_argument("--data", default="fashion_mnist",
+                        help="digits or fashion_mnist (the zoo's own data), with @HxW to resize; default: "
+                             "fashion_mnist")
+    parser.add_argument("--model", default="preact_resnet18", choices=sorted(MODELS))
+    parser.add_argument("--width", type=_positive_int, default=16, help="base channel count / embed dim")
+    _add_training_options(parser, default_epochs=6)
     parser.add_argument("--out", type=Path, default=None,
                         help="zoo directory (default: $PYDEFEND_ZOO or ~/.cache/pydefend/zoo)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached models")
@@ -115,19 +168,24 @@ def _defense_names():
 
 def add_defend_parser(subparsers):
     parser = subparsers.add_parser(
-        "defend", help="run a defense on a checkpoint and report before/after metrics",
-        description="Run a backdoor defense on a pydefend checkpoint (a directory with model.safetensors and "
-                    "meta.json, from `pydefend attack`/`zoo` or written by you with pydefend.checkpoint). Prints "
-                    "ACC/ASR/RA/DER before and after, time and peak memory, and writes report.json, plots and the "
-                    "repaired model (repaired.safetensors + repaired.json) to --out.")
+        "defend", help="run a defense on a model and report before/after metrics",
+        description="Run a backdoor defense on your model (--model and --weights, with --data) or on a pydefend "
+                    "checkpoint (a directory with model.safetensors and meta.json). Prints ACC (and ASR/RA/DER "
+                    "when the attack is known) before and after, time and peak memory, and writes report.json, "
+                    "plots and the repaired model (repaired.safetensors + repaired.json) to --out.")
     parser.add_argument("--method", required=True, choices=_defense_names())
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    parser.add_argument("--data", default=None,
-                        help="dataset spec (digits, fashion_mnist, a .npz or an image folder); default: the "
-                             "checkpoint's dataset")
-    parser.add_argument("--clean-fraction", type=_fraction, default=0.05,
-                        help="defender's share of the training set when the checkpoint names no clean split "
-                             "or --data is given (default 0.05)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a pydefend checkpoint directory")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="your model's weights: safetensors, or a .pt/.pth state_dict (read with "
+                             "torch.load(weights_only=True); a whole pickled model is refused)")
+    _add_model_options(parser, None)
+    _add_data_options(parser, None)
+    parser.add_argument("--clean-fraction", type=_clean_fraction, default=0.05,
+                        help="defender's share of the training data when no clean split is recorded (default "
+                             "0.05; 1 uses all of --data)")
+    parser.add_argument("--attack", default=None, choices=sorted(ATTACKS),
+                        help="with --weights: the attack the model was trained with, to measure ASR and RA")
+    parser.add_argument("--target", type=int, default=0, help="with --attack: its target class (default 0)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="override a defense setting, e.g. --set steps=300 (repeatable)")
     parser.add_argument("--preset", default=None,
@@ -155,27 +213,56 @@ def add_demo_parser(subparsers):
     parser.set_defaults(handler=run_demo)
 
 
+def _model_from_args(args, dataset):
+    """(spec, model with random weights) for --model and its size options, checked against the data."""
+    from . import modelspec
+
+    spec = modelspec.parse(args.model, num_classes=args.num_classes, in_channels=args.in_chans,
+                           image_size=args.img_size, width=args.width, args=args.model_args)
+    if spec["source"] == "pydefend" and "width" not in spec["config"]:
+        spec["config"]["width"] = 16
+    spec = modelspec.complete(spec, dataset)
+    model = modelspec.build(spec, trust_code=True, example=dataset.x_test[:2])
+    return spec, model
+
+
+def _classes_of(model, dataset, device) -> int:
+    """The model's output count; the data's labels must fit it."""
+    import torch
+
+    with torch.no_grad():
+        outputs = model(dataset.x_test[:2].to(device)).shape[-1]
+    labels = int(max(dataset.y_train.max(), dataset.y_test.max())) + 1
+    if labels > outputs:
+        raise UsageError(f"the data has labels up to {labels - 1} but the model has {outputs} outputs: pass the "
+                         f"right --num-classes, or data whose classes are the model's")
+    return outputs
+
+
 def run_attack(args) -> int:
+    import torch
+
     from .attacks import make_attack
-    from .checkpoint import model_spec, save_checkpoint
-    from .data import clean_split, load_dataset
+    from .checkpoint import save_checkpoint
+    from .data import absolute_spec, clean_split, load_dataset
     from .train import train_backdoored
 
-    dataset = load_dataset(args.data, seed=args.seed)
+    dataset = load_dataset(args.data, seed=args.seed, test=args.test_data)
+    torch.manual_seed(args.seed)
+    spec, model = _model_from_args(args, dataset)
+    dataset.num_classes = _classes_of(model, dataset, "cpu")
     attack = make_attack(args.attack, dataset.input_shape, dataset.num_classes, target=args.target,
                          rate=args.rate, seed=args.seed)
-    spec = model_spec(args.model, dataset.in_channels, dataset.num_classes, dataset.image_size,
-                      {"width": args.width})
     clean_indices = clean_split(dataset, args.clean_fraction, args.seed)
-    model, metrics = train_backdoored(dataset, args.model, spec["config"], attack, epochs=args.epochs,
-                                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                      device=args.device, progress=not args.quiet,
-                                      reserved_indices=clean_indices)
-    out = args.out or Path(f"{args.attack}-{args.model}")
-    training = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+    model, metrics = train_backdoored(dataset, model, None, attack, epochs=args.epochs, batch_size=args.batch_size,
+                                      lr=args.lr, seed=args.seed, device=args.device, progress=not args.quiet,
+                                      reserved_indices=clean_indices, optimizer=args.optimizer)
+    out = args.out or Path(f"{args.attack}-{spec['name'].rpartition(':')[2]}")
+    training = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
                 "seed": args.seed, "clean_fraction": args.clean_fraction}
-    save_checkpoint(out, model, spec, dataset=dataset.name, attack=attack.to_dict(), seed=args.seed,
-                    clean_indices=clean_indices.tolist(),
+    save_checkpoint(out, model, spec, dataset=dataset.name,
+                    data={"train": absolute_spec(args.data), "test": absolute_spec(args.test_data)},
+                    attack=attack.to_dict(), seed=args.seed, clean_indices=clean_indices.tolist(),
                     metrics={k: metrics[k] for k in ("acc", "asr", "ra")},
                     train_time_s=metrics["train_time_s"], extra={"training": training})
     print(f"{attack.name} on {dataset.name} with {args.model}: ACC {metrics['acc']:.4f}  "
@@ -204,26 +291,64 @@ def run_zoo(args) -> int:
 
 
 def run_defend(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .data import clean_split, load_dataset
+    from .attacks import make_attack
+    from .checkpoint import CheckpointError, data_spec, load_checkpoint, load_meta, load_state_into, load_weights
+    from .data import absolute_spec, clean_split, load_dataset, names_code
     from .defend import SUMMARY_HEADER, format_table, parse_overrides, run_defense, summary_row
     from .defenses import get_defense
     from .zoo import attack_from_meta
 
     config = parse_overrides(get_defense(args.method).Config, args.settings, args.preset)
-    model, meta = load_checkpoint(args.checkpoint, device=args.device)
-    if args.data is None and not meta.get("dataset"):
-        raise UsageError(f"{args.checkpoint} names no dataset: pass --data")
-    dataset = load_dataset(args.data or meta["dataset"], seed=meta.get("seed") or 0)
-    if args.data is None and meta.get("clean_indices"):
-        clean_indices = meta["clean_indices"]
+    if (args.checkpoint is None) == (args.weights is None):
+        raise UsageError("pydefend defend: give --model SPEC --weights FILE --data DATA, or --checkpoint DIR")
+    if args.test_data and not args.data:
+        raise UsageError("pydefend defend: --test-data goes with --data")
+    if args.checkpoint is not None:
+        meta = load_meta(args.checkpoint)
+        data = ({"train": absolute_spec(args.data), "test": absolute_spec(args.test_data)} if args.data
+                else data_spec(meta))
+        if not data["train"]:
+            raise UsageError(f"{args.checkpoint} names no dataset: pass --data")
+        if not args.data and any(names_code(data[split]) for split in data):
+            raise UsageError(f"{args.checkpoint} records data read by code ({data['train']}); pydefend imports "
+                             f"code only when you name it: pass --data (and --test-data)")
+        dataset = load_dataset(data["train"], seed=meta.get("seed") or 0, test=data["test"])
+        if args.model:
+            spec, _ = _model_from_args(args, dataset)
+            model, _ = load_checkpoint(args.checkpoint, device=args.device, spec=spec, trust_code=True)
+        else:
+            model, _ = load_checkpoint(args.checkpoint, device=args.device)
+            spec = meta["model"]
+        recorded = meta.get("clean_indices") if not args.data else None
+        attack = attack_from_meta(meta) if meta.get("attack") else None
+        source = {"checkpoint": str(args.checkpoint.resolve()), "data": data}
     else:
-        clean_indices = clean_split(dataset, args.clean_fraction, args.seed)
-    attack = attack_from_meta(meta) if meta.get("attack") else None
+        if not args.model or not args.data:
+            raise UsageError("pydefend defend: --weights needs --model (its architecture) and --data")
+        data = {"train": absolute_spec(args.data), "test": absolute_spec(args.test_data)}
+        dataset = load_dataset(args.data, seed=args.seed, test=args.test_data)
+        spec, model = _model_from_args(args, dataset)
+        try:
+            load_state_into(model, load_weights(args.weights), args.weights)
+        except CheckpointError as exc:
+            if args.num_classes is None and "wrong shape" in str(exc):
+                raise CheckpointError(f"{exc} (the model was sized for the {dataset.num_classes} classes of "
+                                      f"{args.data}; pass --num-classes if the weights have another count)") from exc
+            raise
+        model = model.to(args.device)
+        recorded = None
+        attack = None
+        source = {"weights": str(args.weights.resolve()), "data": data}
+    dataset.num_classes = _classes_of(model, dataset, args.device)
+    if args.attack:
+        if attack is not None:
+            raise UsageError(f"{args.checkpoint} records its attack: drop --attack")
+        attack = make_attack(args.attack, dataset.input_shape, dataset.num_classes, target=args.target,
+                             seed=args.seed)
+    clean_indices = recorded if recorded else clean_split(dataset, args.clean_fraction, args.seed)
     out = args.out or Path(f"defended-{args.method}")
     report, _ = run_defense(args.method, model, dataset, attack, clean_indices, config, device=args.device,
-                            progress=not args.quiet, out_dir=out, model_spec=meta["model"],
-                            source={"checkpoint": str(args.checkpoint.resolve()), "dataset": dataset.name})
+                            progress=not args.quiet, out_dir=out, model_spec=spec, source=source)
     print(format_table(SUMMARY_HEADER, [summary_row(args.method, report)]))
     print(f"report, plots and repaired model: {out}")
     return 0

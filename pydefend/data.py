@@ -3,7 +3,8 @@
 Every loader returns a :class:`Dataset` whose images are float32 tensors in
 [0, 1] laid out NCHW and whose labels are int64. Nothing is downloaded: the
 sources are the Debian package ``dataset-fashion-mnist``, scikit-learn's
-bundled ``load_digits``, and the user's own ``.npz`` files or image folders.
+bundled ``load_digits``, and the user's own ``.npz`` files, image folders or
+torch Datasets (whose images may be normalised any way; the others lie in [0, 1]).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def clean_split(dataset: Dataset, fraction: float = 0.05, seed: int = 0) -> torc
     The defender only ever sees clean training images; the test set is kept
     for metrics. Stratified by class, sorted, deterministic in ``seed``.
     """
+    if fraction == 1:  # the whole training set is the defender's clean data
+        return torch.arange(dataset.y_train.shape[0])
     selected, _ = stratified_split(dataset.y_train.numpy(), fraction, seed)
     return torch.from_numpy(selected)
 
@@ -216,14 +219,8 @@ def _to_labels(y: np.ndarray, count: int, source: str) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
-def _split(name: str, x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int,
-           num_classes: int) -> Dataset:
-    test_idx, train_idx = stratified_split(y.numpy(), test_fraction, seed)
-    return Dataset(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes)
-
-
-def load_npz(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Arrays ``x`` and ``y`` (split here), or ``x_train``/``y_train``/``x_test``/``y_test``."""
+def load_npz(path: str | os.PathLike, test: str | None = None) -> Dataset:
+    """Arrays ``x_train``/``y_train``/``x_test``/``y_test``, or ``x`` and ``y`` with the test set from ``test``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such .npz file: {path}")
@@ -231,21 +228,106 @@ def load_npz(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0)
     with np.load(path, allow_pickle=False) as archive:
         keys = set(archive.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            if test is not None:
+                raise ValueError(f"{path} holds its own test split (x_test, y_test): drop --test-data")
             x_train = _to_image_tensor(archive["x_train"], f"{path}:x_train")
             y_train = _to_labels(archive["y_train"], x_train.shape[0], f"{path}:y_train")
             x_test = _to_image_tensor(archive["x_test"], f"{path}:x_test")
             y_test = _to_labels(archive["y_test"], x_test.shape[0], f"{path}:y_test")
-            num_classes = int(max(y_train.max(), y_test.max())) + 1
-            return Dataset(path.stem, x_train, y_train, x_test, y_test, num_classes)
-        if {"x", "y"} <= keys:
+            return _dataset(path.stem, x_train, y_train, x_test, y_test)
+        if not {"x", "y"} <= keys:
+            raise ValueError(f"{path} must contain arrays 'x' and 'y' (or x_train, y_train, x_test, "
+                             f"y_test); found {sorted(keys)}")
+        x = _to_image_tensor(archive["x"], f"{path}:x")
+        y = _to_labels(archive["y"], x.shape[0], f"{path}:y")
+    return _with_test(path.stem, x, y, test)
+
+
+def _dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
+    if x_train.shape[0] == 0 or x_test.shape[0] == 0:
+        raise ValueError(f"{name}: the training and test sets must both hold images")
+    return Dataset(name, x_train, y_train, x_test, y_test, int(max(y_train.max(), y_test.max())) + 1)
+
+
+def _with_test(name: str, x: torch.Tensor, y: torch.Tensor, test: str | None) -> Dataset:
+    """A single split is training data; its test set must come from elsewhere, so that no test image can be
+    one the model was trained on (pydefend never re-splits your data)."""
+    if test is None:
+        raise ValueError(f"{name} is one split of images: name its test set with --test-data (a .npz with x and "
+                         f"y, an image folder or module:factory); pydefend does not split your data itself, since a "
+                         f"split of its own could put your training images in the test set")
+    x_test, y_test = load_split(test)
+    return _dataset(name, x, y, x_test, y_test)
+
+
+def load_split(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split (images, labels): a .npz with x and y, an image folder, or module:factory."""
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such .npz file: {path}")
+        with np.load(path, allow_pickle=False) as archive:
+            if not {"x", "y"} <= set(archive.files):
+                raise ValueError(f"{path}: a test set needs arrays 'x' and 'y', found {sorted(archive.files)}")
             x = _to_image_tensor(archive["x"], f"{path}:x")
-            y = _to_labels(archive["y"], x.shape[0], f"{path}:y")
-            return _split(path.stem, x, y, test_fraction, seed, int(y.max()) + 1)
-    raise ValueError(f"{path} must contain arrays 'x' and 'y' (or x_train, y_train, x_test, "
-                     f"y_test); found {sorted(keys)}")
+            return x, _to_labels(archive["y"], x.shape[0], f"{path}:y")
+    if path.is_dir():
+        return _read_image_folder(path)
+    if ":" in spec:
+        return _from_torch_dataset(spec)
+    raise FileNotFoundError(f"unknown data {spec!r}: expected a .npz file, an image folder or module:factory")
 
 
-def load_image_folder(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def _from_torch_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (image, label) of the torch Dataset that module:factory (or file.py:factory) returns."""
+    from .modelspec import _load_code  # the same import rules as a model's code
+
+    dataset = _load_code(spec)()
+    try:
+        count = len(dataset)
+    except TypeError:
+        raise ValueError(f"{spec} returned {type(dataset).__name__}, not a map-style torch Dataset") from None
+    images, labels = [], []
+    for index in range(count):
+        item = dataset[index]
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+            raise ValueError(f"{spec}: item {index} is not an (image, label) pair")
+        image = torch.as_tensor(item[0], dtype=torch.float32)
+        if image.dim() == 2:
+            image = image[None]
+        images.append(image)
+        labels.append(int(item[1]))
+    if not images:
+        raise ValueError(f"{spec} holds no images")
+    x = torch.stack(images)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{spec}: images contain NaN or infinite values")
+    return x, _to_labels(np.asarray(labels), len(labels), spec)
+
+
+def load_image_folder(path: str | os.PathLike, test: str | None = None) -> Dataset:
+    """Training images from a folder (one sub-folder per class), the test set from ``test``."""
+    root = Path(path)
+    x, y = _read_image_folder(root)
+    if test is not None and Path(test).is_dir():
+        train_classes, test_classes = ([d.name for d in _class_dirs(r)] for r in (root, Path(test)))
+        if train_classes != test_classes:
+            raise ValueError(f"{root} and {test} hold different class folders ({', '.join(train_classes)} vs "
+                             f"{', '.join(test_classes)}); labels follow the sorted folder names, so both need "
+                             f"the same ones")
+    return _with_test(root.name, x, y, test)
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such image folder: {root}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if len(class_dirs) < 2:
+        raise ValueError(f"{root} must hold one sub-folder per class (found {len(class_dirs)})")
+    return class_dirs
+
+
+def _read_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One sub-folder per class (sorted names -> labels 0..K-1); all images the same size.
 
     Images are read as grayscale when every image is grayscale, RGB otherwise.
@@ -254,14 +336,8 @@ def load_image_folder(path: str | os.PathLike, test_fraction: float = 0.2, seed:
         from PIL import Image
     except ImportError as exc:
         raise ImportError("reading an image folder needs Pillow: pip install pillow") from exc
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such image folder: {root}")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
-    if len(class_dirs) < 2:
-        raise ValueError(f"{root} must hold one sub-folder per class (found {len(class_dirs)})")
     files, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
+    for label, class_dir in enumerate(_class_dirs(root)):
         members = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not members:
             raise ValueError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -283,8 +359,7 @@ def load_image_folder(path: str | os.PathLike, test_fraction: float = 0.2, seed:
     if mode == "RGB":
         stacked = stacked.transpose(0, 3, 1, 2)
     x = _to_image_tensor(np.ascontiguousarray(stacked), str(root))
-    y = torch.tensor(labels, dtype=torch.int64)
-    return _split(root.name, x, y, test_fraction, seed, len(class_dirs))
+    return x, torch.tensor(labels, dtype=torch.int64)
 
 
 _SIZE_SUFFIX = re.compile(r"^(?P<base>.+)@(?P<height>[1-9][0-9]*)(?:x(?P<width>[1-9][0-9]*))?$")
@@ -305,21 +380,51 @@ def resized(dataset: Dataset, size) -> Dataset:
                    resize(dataset.x_test), dataset.y_test, dataset.num_classes)
 
 
-def load_dataset(spec: str, seed: int = 0) -> Dataset:
-    """'digits', 'fashion_mnist', a path to an ``.npz`` file, or an image folder; ``SPEC@HxW`` (or ``@N``)
-    resizes every image to H×W (N×N) by area averaging, e.g. ``fashion_mnist@16x16``."""
+def names_code(spec: str | None) -> bool:
+    """Whether loading ``spec`` imports Python code (``module:factory`` or ``file.py:factory``)."""
+    if spec is None:
+        return False
+    match = _SIZE_SUFFIX.match(spec)
+    base = match["base"] if match else spec
+    return ":" in base and Path(base).suffix != ".npz" and not Path(base).is_dir()
+
+
+def absolute_spec(spec: str | None) -> str | None:
+    """``spec`` with a file or folder named by its absolute path (and a ``file.py:factory`` by its file's), so
+    that a checkpoint's record of its data works from any directory."""
+    if spec is None:
+        return None
+    match = _SIZE_SUFFIX.match(spec)
+    base, suffix = (match["base"], spec[len(match["base"]):]) if match else (spec, "")
+    location, sep, attr = base.rpartition(":")
+    if sep and location.endswith(".py") and Path(location).is_file():
+        return f"{Path(location).resolve()}:{attr}{suffix}"
+    if Path(base).exists():
+        return f"{Path(base).resolve()}{suffix}"
+    return spec
+
+
+def load_dataset(spec: str, seed: int = 0, test: str | None = None) -> Dataset:
+    """'digits', 'fashion_mnist', a ``.npz`` file, an image folder or ``module:factory`` (a torch Dataset), with
+    the test set from ``test`` where the source is one split. ``SPEC@HxW`` (or ``@N``) resizes every image to
+    H×W (N×N) by area averaging, e.g. ``fashion_mnist@16x16``."""
     match = _SIZE_SUFFIX.match(spec)
     if match:
         height = int(match["height"])
-        return resized(load_dataset(match["base"], seed), (height, int(match["width"] or height)))
+        return resized(load_dataset(match["base"], seed, test), (height, int(match["width"] or height)))
+    if spec in ("digits", "fashion_mnist", "fashion-mnist") and test is not None:
+        raise ValueError(f"{spec} has its own test split: drop --test-data")
     if spec == "digits":
         return load_digits(seed=seed)
     if spec in ("fashion_mnist", "fashion-mnist"):
         return load_fashion_mnist()
     path = Path(spec)
     if path.suffix == ".npz":
-        return load_npz(path, seed=seed)
+        return load_npz(path, test)
     if path.is_dir():
-        return load_image_folder(path, seed=seed)
-    raise FileNotFoundError(f"unknown dataset {spec!r}: expected 'digits', 'fashion_mnist', "
-                            f"an existing .npz file or an image folder, optionally with @HxW to resize")
+        return load_image_folder(path, test)
+    if ":" in spec:
+        x, y = _from_torch_dataset(spec)
+        return _with_test(spec, x, y, test)
+    raise FileNotFoundError(f"unknown dataset {spec!r}: expected 'digits', 'fashion_mnist', an existing .npz "
+                            f"file, an image folder or module:factory, optionally with @HxW to resize")

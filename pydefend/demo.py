@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
+from .checkpoint import data_spec, load_checkpoint
 from .data import load_dataset
 from .defend import SUMMARY_HEADER, format_table, run_defense, summary_row
 from .defenses import REGISTRY
@@ -29,7 +29,8 @@ def run_demo(out_dir="pydefend-demo", methods=None, device="cpu", progress=True)
     methods = methods or sorted(REGISTRY)
     start = time.perf_counter()
     model, meta = load_checkpoint(DEMO_CHECKPOINT, device=device)
-    dataset = load_dataset(meta["dataset"], seed=meta["seed"])
+    data = data_spec(meta)
+    dataset = load_dataset(data["train"], seed=meta["seed"], test=data["test"])
     attack = attack_from_meta(meta)
     before = evaluate(model, dataset, attack, device=device)
     print(f"pydefend demo: {attack.name} on {dataset.name}, PreAct-ResNet-18 (width "

@@ -55,7 +55,7 @@ def _build_inserted(model: nn.Module, inserted: list) -> nn.Module:
         except KeyError:
             raise CheckpointError(f"unknown inserted module {entry.get('module')!r}") from None
         modules[entry["node"]] = cls(**entry["args"])
-    return graph.insert_after(graph.trace(model), modules, replace_relu=True)
+    return graph.insert_recorded(model, modules, inserted[0].get("via", "graph"))
 
 
 def save_repaired(directory, model: nn.Module, model_spec: dict, defense: str, inserted: list,
@@ -75,8 +75,12 @@ def save_repaired(directory, model: nn.Module, model_spec: dict, defense: str, i
     return directory
 
 
-def load_repaired(path: str | os.PathLike, device="cpu") -> nn.Module:
-    """The repaired model saved in `path`, in eval mode."""
+def load_repaired(path: str | os.PathLike, device="cpu", trust_code: bool = False) -> nn.Module:
+    """The repaired model saved in `path`, in eval mode.
+
+    A model defined by your own code (``path/to/file.py:NAME`` or ``package.module:NAME``) is rebuilt only with
+    ``trust_code=True``: rebuilding it imports that code.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -90,7 +94,8 @@ def load_repaired(path: str | os.PathLike, device="cpu") -> nn.Module:
     meta = json.loads((directory / META_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{directory / META_FILE} is not a repaired-model description this pydefend reads")
-    model = _build_wrapper(_build_inserted(build_from_spec(meta["model"]), meta["inserted"]), meta.get("wrapper"))
+    model = _build_wrapper(_build_inserted(build_from_spec(meta["model"], trust_code), meta["inserted"]),
+                           meta.get("wrapper"))
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, FileNotFoundError) as exc:

@@ -1,7 +1,12 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Nothing is downloaded: Hugging Face libraries must fail rather than reach for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Fixed models, committed so that every machine tests the same weights (README, "Fixed models", has the
 # commands that trained them):
@@ -37,13 +42,14 @@ def inductor_vector_isa(monkeypatch):
 
 def load_fixed_backdoor(path) -> dict:
     """A committed checkpoint with its dataset split, exact attack and the defender's clean data."""
-    from pydefend.checkpoint import load_checkpoint
+    from pydefend.checkpoint import data_spec, load_checkpoint
     from pydefend.data import load_dataset
     from pydefend.defenses import CleanData
     from pydefend.zoo import attack_from_meta
 
     model, meta = load_checkpoint(path)
-    dataset = load_dataset(meta["dataset"], seed=meta["seed"])
+    data = data_spec(meta)
+    dataset = load_dataset(data["train"], seed=meta["seed"], test=data["test"])
     clean_indices = torch.tensor(meta["clean_indices"])
     clean = CleanData(dataset.x_train[clean_indices], dataset.y_train[clean_indices], dataset.num_classes)
     return {"path": Path(path), "dataset": dataset, "attack": attack_from_meta(meta), "model": model,

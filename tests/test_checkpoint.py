@@ -58,7 +58,7 @@ def test_meta_is_plain_readable_json(saved):
     directory, _, _ = saved
     text = (directory / "meta.json").read_text()
     meta = json.loads(text)
-    assert meta["model"] == {"name": "preact_resnet18", "in_channels": 1, "num_classes": 10,
+    assert meta["model"] == {"source": "pydefend", "name": "preact_resnet18", "in_channels": 1, "num_classes": 10,
                              "image_size": [12, 12], "config": {"width": 4}}
     assert '"clean_indices": [4, 8, 15]' in text
 

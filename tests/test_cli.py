@@ -38,14 +38,18 @@ def test_attack_command_trains_and_saves(tmp_path, capsys):
 
 def test_attack_command_on_user_npz(tmp_path, capsys):
     rng = np.random.default_rng()
-    np.savez(tmp_path / "user.npz", x=rng.integers(0, 256, (60, 10, 10), dtype=np.uint8),
-             y=np.arange(60) % 3)
-    code = main(["attack", "--data", str(tmp_path / "user.npz"), "--attack", "badnets_all2all",
+    for split, count in (("user", 60), ("user_test", 12)):
+        np.savez(tmp_path / f"{split}.npz", x=rng.integers(0, 256, (count, 10, 10), dtype=np.uint8),
+                 y=np.arange(count) % 3)
+    code = main(["attack", "--data", str(tmp_path / "user.npz"), "--test-data", str(tmp_path / "user_test.npz"),
+                 "--attack", "badnets_all2all",
                  "--model", "simple_cnn", "--width", "2", "--epochs", "1", "--out", str(tmp_path / "ck"),
                  "--quiet"])
     assert code == 0
     _, meta = load_checkpoint(tmp_path / "ck")
     assert meta["dataset"] == "user" and meta["model"]["image_size"] == [10, 10]
+    # The data is recorded by absolute path, so `defend --checkpoint` finds it from any directory.
+    assert meta["data"] == {"train": str(tmp_path / "user.npz"), "test": str(tmp_path / "user_test.npz")}
 
 
 def test_zoo_command_prints_a_table(tmp_path, capsys):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pydefend.data import (FASHION_MNIST_DIR, Dataset, clean_split, load_dataset, load_digits,
-                           load_fashion_mnist, load_image_folder, load_npz, read_idx, stratified_split)
+from pydefend.data import (FASHION_MNIST_DIR, Dataset, absolute_spec, clean_split, load_dataset, load_digits,
+                           load_fashion_mnist, load_image_folder, load_npz, names_code, read_idx,
+                           stratified_split)
 
 
 def write_idx(path, array, compress):
@@ -150,17 +151,20 @@ def test_dataset_validates_shapes():
                 torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.int64), 2)
 
 
-def test_npz_uint8_hw_is_scaled(tmp_path):
+def test_npz_uint8_hw_is_scaled_and_never_resplit(tmp_path):
     rng = np.random.default_rng()
     x = rng.integers(0, 256, (40, 6, 5), dtype=np.uint8)
     y = np.repeat(np.arange(4), 10)
+    x_test = rng.integers(0, 256, (8, 6, 5), dtype=np.uint8)
     np.savez(tmp_path / "mine.npz", x=x, y=y)
-    dataset = load_npz(tmp_path / "mine.npz")
-    assert dataset.name == "mine" and dataset.num_classes == 4
-    assert dataset.input_shape == (1, 6, 5) and dataset.x_train.shape[0] == 32
-    all_x = torch.cat([dataset.x_train, dataset.x_test])
-    assert torch.equal(all_x.mul(255).round().sort(0).values,
-                       torch.from_numpy(x[:, None].astype(np.float32)).sort(0).values)
+    np.savez(tmp_path / "held_out.npz", x=x_test, y=np.arange(8) % 4)
+    with pytest.raises(ValueError, match="--test-data"):  # one split: pydefend will not carve a test set out of it
+        load_npz(tmp_path / "mine.npz")
+    dataset = load_npz(tmp_path / "mine.npz", test=str(tmp_path / "held_out.npz"))
+    assert dataset.name == "mine" and dataset.num_classes == 4 and dataset.input_shape == (1, 6, 5)
+    assert torch.equal(dataset.x_train.mul(255).round(), torch.from_numpy(x[:, None].astype(np.float32)))
+    assert torch.equal(dataset.x_test.mul(255).round(), torch.from_numpy(x_test[:, None].astype(np.float32)))
+    assert torch.equal(dataset.y_train, torch.from_numpy(y))
 
 
 def test_npz_float_nchw_with_explicit_splits(tmp_path):
@@ -170,10 +174,15 @@ def test_npz_float_nchw_with_explicit_splits(tmp_path):
     dataset = load_dataset(str(tmp_path / "s.npz"))
     assert torch.equal(dataset.x_train, torch.from_numpy(x_train))
     assert dataset.x_test.dtype == torch.float32 and dataset.num_classes == 3
+    with pytest.raises(ValueError, match="drop --test-data"):
+        load_dataset(str(tmp_path / "s.npz"), test=str(tmp_path / "s.npz"))
+    with pytest.raises(ValueError, match="drop --test-data"):
+        load_dataset("digits", test=str(tmp_path / "s.npz"))
 
 
 def test_npz_errors(tmp_path):
-    np.savez(tmp_path / "range.npz", x=np.full((4, 2, 2), 3.0), y=np.arange(4))
+    np.savez(tmp_path / "range.npz", x_train=np.full((4, 2, 2), 3.0), y_train=np.arange(4),
+             x_test=np.zeros((2, 2, 2)), y_test=np.arange(2))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         load_npz(tmp_path / "range.npz")
     np.savez(tmp_path / "keys.npz", images=np.zeros((4, 2, 2)), y=np.arange(4))
@@ -198,17 +207,64 @@ def test_image_folder_without_pillow_names_it(tmp_path, monkeypatch):
         load_image_folder(tmp_path)
 
 
-def test_image_folder(tmp_path):
+def _image_folder(root, classes, count, size=(7, 9)):
     image_module = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng()
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(5):
-            image_module.fromarray(rng.integers(0, 256, (7, 9), dtype=np.uint8)).save(
-                tmp_path / cls / f"{i}.png")
-    dataset = load_image_folder(tmp_path)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(count):
+            image_module.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_image_folder_with_its_test_folder(tmp_path):
+    train = _image_folder(tmp_path / "train", ("cat", "dog"), 5)
+    test = _image_folder(tmp_path / "test", ("cat", "dog"), 2)
+    dataset = load_image_folder(train, test=str(test))
     assert dataset.input_shape == (1, 7, 9) and dataset.num_classes == 2
-    assert dataset.x_train.shape[0] + dataset.x_test.shape[0] == 10
+    assert dataset.x_train.shape[0] == 10 and dataset.x_test.shape[0] == 4
+    assert dataset.y_test.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="--test-data"):
+        load_image_folder(train)
+    other = _image_folder(tmp_path / "other", ("cat", "fox"), 2)
+    with pytest.raises(ValueError, match="different class folders"):  # labels would silently mean other classes
+        load_image_folder(train, test=str(other))
+
+
+def test_torch_dataset_through_module_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_data.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "X, Y = torch.randn(30, 2, 5, 5, generator=g), torch.arange(30) % 3\n"
+        "def train():\n    return TensorDataset(X[:20], Y[:20])\n"
+        "def test():\n    return [(X[i].numpy(), int(Y[i])) for i in range(20, 30)]\n"
+        "def bad():\n    return iter([])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dataset = load_dataset("my_data:train", test="my_data:test")
+    import my_data
+    assert torch.equal(dataset.x_train, my_data.X[:20]) and torch.equal(dataset.x_test, my_data.X[20:])
+    assert torch.equal(dataset.y_test, my_data.Y[20:]) and dataset.num_classes == 3
+    by_file = load_dataset(f"{tmp_path / 'my_data.py'}:train", test=f"{tmp_path / 'my_data.py'}:test")
+    assert torch.equal(by_file.x_train, dataset.x_train)
+    with pytest.raises(ValueError, match="--test-data"):
+        load_dataset("my_data:train")
+    with pytest.raises(ValueError, match="map-style"):
+        load_dataset("my_data:bad", test="my_data:test")
+    with pytest.raises(ValueError, match="no 'absent'"):
+        load_dataset("my_data:absent", test="my_data:test")
+    assert names_code("my_data:train") and names_code("my_data:train@4x4")
+    assert not names_code("digits@8") and not names_code(str(tmp_path / "x.npz"))
+
+
+def test_absolute_spec_names_files_by_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 2, 2)), y=np.arange(2))
+    (tmp_path / "f.py").write_text("")
+    assert absolute_spec("d.npz@4") == f"{tmp_path / 'd.npz'}@4"
+    assert absolute_spec("f.py:make") == f"{tmp_path / 'f.py'}:make"
+    assert absolute_spec("digits") == "digits" and absolute_spec("pkg.mod:make") == "pkg.mod:make"
+    assert absolute_spec(None) is None
 
 
 def test_size_suffix_area_averages_every_image():

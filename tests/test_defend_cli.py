@@ -1,6 +1,7 @@
 """`pydefend defend`: a real run on a CI-sized checkpoint, and its error paths."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def test_defend_writes_report_plots_and_reloadable_model(checkpoint, tmp_path, c
     (["defend", "--method", "unit", "--checkpoint", "{ckpt}", "--set", "nonsense=1"], "bad setting"),
     (["defend", "--method", "unit", "--checkpoint", "{ckpt}", "--preset", "fastest"], "has no preset"),
     (["defend", "--method", "nothing", "--checkpoint", "{ckpt}"], "invalid choice"),
-    (["defend", "--method", "unit"], "required"),
+    (["defend", "--method", "unit"], "--checkpoint DIR"),
 ])
 def test_defend_errors_are_one_line(checkpoint, argv, message, capsys):
     assert main([a.format(ckpt=checkpoint) for a in argv]) == 2
@@ -49,3 +50,58 @@ def test_pickled_checkpoint_is_refused(tmp_path, capsys):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
     assert main(["defend", "--method", "unit", "--checkpoint", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+@pytest.fixture
+def class_folders(tmp_path):
+    """Image folders of 12 classes, more than the digits model's 10 outputs."""
+    image_module = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng()
+    for split in ("train", "test"):
+        for label in range(12):
+            folder = tmp_path / split / f"class{label:02d}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                image_module.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", ["pickled_model", "missing_class", "wrong_num_classes", "folder_classes",
+                                  "data_code_in_checkpoint"])
+def test_bad_model_and_data_input_is_one_line_exit_2_nothing_written(case, checkpoint, class_folders, tmp_path,
+                                                                      capsys):
+    weights = str(checkpoint / "model.safetensors")
+    model = ["--model", "preact_resnet18", "--width", "8"]
+    data = ["--data", "digits"]
+    if case == "pickled_model":
+        torch.save(_loaded(checkpoint), tmp_path / "whole.pt")
+        weights, message = str(tmp_path / "whole.pt"), "state_dict"
+    elif case == "missing_class":
+        (tmp_path / "net.py").write_text("import torch\n")
+        model, message = ["--model", f"{tmp_path / 'net.py'}:Net"], "has no 'Net'"
+    elif case == "wrong_num_classes":
+        model, message = model + ["--num-classes", "7"], "shape"
+    elif case == "folder_classes":
+        data = ["--data", str(class_folders / "train"), "--test-data", str(class_folders / "test")]
+        message = "sized for the 12 classes"
+    else:
+        meta_path = tmp_path / "ck" / "meta.json"
+        meta_path.parent.mkdir()
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        meta["data"] = {"train": "evil_module:make", "test": "evil_module:make"}
+        meta_path.write_text(json.dumps(meta))
+        (tmp_path / "ck" / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+        argv = ["defend", "--method", "unit", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out")]
+        message = "imports code only when you name it"
+    if case != "data_code_in_checkpoint":
+        argv = ["defend", "--method", "unit", *model, "--weights", weights, *data, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def _loaded(path):
+    from pydefend.checkpoint import load_checkpoint
+    return load_checkpoint(path)[0]
