@@ -4,8 +4,8 @@ When only inputs need gradients (UNIT learns bounds inside a frozen model),
 convolution and linear autograd still save their input, and eval-mode
 BatchNorm saves its input too. These stand-ins compute the same forward but
 keep only their (shared, frozen) weights: the input gradient of a linear map
-needs nothing else. `frozen_layers(gm)` swaps them into a traced model's
-module tree for the duration of a block and restores the originals after.
+needs nothing else. `frozen_layers(model)` swaps them into the module tree for
+the duration of a block and restores the originals after.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 
 class _FrozenConv(torch.autograd.Function):
@@ -29,35 +29,38 @@ class _FrozenConv(torch.autograd.Function):
         return fn(ctx.input_shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
 
 
-class FrozenConv(nn.Module):
-    def __init__(self, conv: nn.Module):
+class _StandIn(nn.Module):
+    """Holds the original layer and answers for its attributes (a forward may read `layer.weight`)."""
+
+    def __init__(self, original: nn.Module):
         super().__init__()
-        self.conv = conv
+        self.original = original
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original"], name)
+
+
+class FrozenConv(_StandIn):
 
     def forward(self, x):
-        return _FrozenConv.apply(x, self.conv)
+        return _FrozenConv.apply(x, self.original)
 
 
-class FrozenLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.linear = linear
-
+class FrozenLinear(_StandIn):
     def forward(self, x):
         # matmul saves the operand that needs no gradient only when the other one does
-        return F.linear(x, self.linear.weight.detach(),
-                        None if self.linear.bias is None else self.linear.bias.detach())
+        linear = self.original
+        return F.linear(x, linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(_StandIn):
     """Eval-mode BatchNorm as x·scale + shift with constant scale: backward keeps only `scale`."""
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        self.bn = bn
-
     def forward(self, x):
-        bn = self.bn
+        bn = self.original
         scale = torch.rsqrt(bn.running_var + bn.eps)
         shift = -bn.running_mean * scale
         if bn.affine:
@@ -78,22 +81,19 @@ def _stand_in(module: nn.Module):
 
 
 @contextlib.contextmanager
-def frozen_layers(gm: fx.GraphModule):
-    """Within the block, gm's conv/linear/eval-BN call sites use the stand-ins above."""
+def frozen_layers(model: nn.Module):
+    """Within the block, model's frozen conv/linear/eval-BN modules are the stand-ins above."""
     swapped = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        original = gm.get_submodule(node.target)
+    for name, original in list(model.named_modules()):
         stand_in = _stand_in(original)
-        if stand_in is None or any(p.requires_grad for p in original.parameters()):
+        if not name or stand_in is None or any(p.requires_grad for p in original.parameters()):
             continue
-        parent_name, _, leaf = node.target.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, stand_in)
         swapped.append((parent, leaf, original))
     try:
         yield len(swapped)
     finally:
-        for parent, leaf, original in swapped:
+        for parent, leaf, original in reversed(swapped):
             setattr(parent, leaf, original)

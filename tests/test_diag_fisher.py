@@ -671,3 +671,30 @@ def test_empty_batch():
     assert fw.tolist() == [0.0] * 4 and fb.tolist() == [0.0] * 4
     fw, fb = diag_fisher_linear(torch.randn(0, 2), torch.randn(0, 3))
     assert fw.shape == (2, 3) and fw.abs().sum() == 0
+
+
+class CastLayerNorm(nn.LayerNorm):
+    """timm's habit: a LayerNorm subclass whose own forward computes the base LayerNorm."""
+
+    def forward(self, x):
+        return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class ScaledLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_layernorm_subclass_checked_against_the_base_forward():
+    torch.manual_seed(0)
+    model = randomise(nn.Sequential(nn.Linear(5, 6), CastLayerNorm(6), nn.ReLU(), nn.Linear(6, 3)).double())
+    x, t = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    got = fisher_of(model, x, t)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    per_sample = vmap(grad(lambda p, xi, ti: F.cross_entropy(functional_call(model, p, (xi[None],)), ti[None])),
+                      in_dims=(None, 0, 0))(params, x, t)
+    for name, g in per_sample.items():
+        assert_fisher_close(got[name], g.square().mean(0), 1e-10)
+    model[1] = ScaledLayerNorm(6).double()
+    with pytest.raises(ValueError, match="ScaledLayerNorm 1.bias/1.weight overrides forward and does not compute LayerNorm"):
+        fisher_of(model, x, t)

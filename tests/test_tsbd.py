@@ -207,3 +207,17 @@ def test_bad_config():
         TSBDConfig(neuron_ratio=15)
     official = TSBDConfig.official()
     assert (official.perturb_norm, official.unlearn_check, official.finetune_epochs) == ("per_tensor", "epoch", 21)
+
+
+def test_default_finetuning_on_a_model_without_batchnorm():
+    model, clean = linear_only_model_and_data()  # no BatchNorm: no running statistics to restore
+    config = TSBDConfig(layers="linear", unlearn_lr=1e-2, batch_size=64)
+    assert config.finetune_epochs == TSBDConfig().finetune_epochs > 0
+    zeroed = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    result = TSBD().run(model, clean, config, progress=False)
+    accuracy = result.report["clean_accuracy"]
+    assert accuracy["reinitialised"] < accuracy["original"] and accuracy["final"] > accuracy["reinitialised"]
+    assert len(result.report["finetune"]) == config.finetune_epochs
+    # fine-tuning moved the weights, zeroed ones included
+    assert all(not torch.equal(m.weight, w) for m, w in
+               zip((m for m in result.model if isinstance(m, nn.Linear)), zeroed))

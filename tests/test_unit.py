@@ -146,11 +146,50 @@ def test_model_without_activations_is_refused():
         UNIT().run(nn.Linear(4, 2), clean, UNITConfig(steps=1), progress=False)
 
 
-def test_untraceable_model_is_refused():
-    class Branchy(nn.Module):
-        def forward(self, x):
-            return torch.relu(x) if x.mean() > 0 else x
+class Branchy(nn.Module):
+    """Python control flow on the input: torch.fx cannot trace it, as it cannot trace Hugging Face models."""
 
+    def __init__(self, activation: bool):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.act = nn.GELU() if activation else nn.Identity()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if x.mean() > -10:  # always true, but on a tensor value
+            h = h + self.attn(h[:, None], h[:, None], h[:, None])[0][:, 0]
+        return self.fc2(torch.relu(h))
+
+
+def test_untraceable_model_falls_back_to_module_hooks(tmp_path):
+    torch.manual_seed(0)
+    model = Branchy(activation=True).eval()
+    clean = CleanData(torch.randn(40, 4), torch.randint(0, 2, (40,)), 2)
+    result = UNIT().run(model, clean, UNITConfig(steps=2, batch_size=16), progress=False)
+    assert [(s["node"], s["kind"]) for s in result.report["sites"]] == [("act", "activation"), ("attn", "attention")]
+    assert "cannot trace Branchy" in result.report["sites_found_by"]
+    assert "F.gelu" in result.report["sites_found_by"]  # says what the hooks cannot reach (the torch.relu)
+    assert not model._forward_hooks and not model.act._forward_hooks, "the caller's model gets no hooks"
+    x = torch.randn(7, 4)
+    bounds = [m.upper for n, m in result.model.named_modules() if n.startswith("pydefend_sites.")]
+    with torch.no_grad():
+        for upper in bounds:
+            upper.fill_(0.05)  # tight: the bounded model must differ from the original
+        clipped = result.model(x)
+        assert not torch.allclose(clipped, model(x))
+        expected_hidden = model.act(model.fc1(x)).clamp(max=0.05)
+        attended = model.attn(expected_hidden[:, None], expected_hidden[:, None], expected_hidden[:, None])[0][:, 0]
+        expected = model.fc2(torch.relu(expected_hidden + attended.clamp(max=0.05)))
+        torch.testing.assert_close(clipped, expected)
+    spec = {"source": "python", "name": f"{__file__}:Branchy", "args": {"activation": True}}
+    save_repaired(tmp_path, result.model, spec, "unit", result.inserted, result.report)
+    loaded = load_repaired(tmp_path, trust_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), clipped)
+
+
+def test_untraceable_model_without_activation_modules_is_refused():
     clean = CleanData(torch.rand(10, 4), torch.randint(0, 2, (10,)), 2)
-    with pytest.raises(graph.UntraceableModel):
-        UNIT().run(Branchy(), clean, UNITConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="no activation.*cannot trace Branchy.*not bounded"):
+        UNIT().run(Branchy(activation=False), clean, UNITConfig(steps=1, attention=False), progress=False)

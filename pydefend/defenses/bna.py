@@ -84,7 +84,7 @@ class BNAConfig:
     re_check_every: int = 10  # steps per success-rate check window
     re_patience: int = 3  # check windows in a row before λ moves
     re_success: float = 0.99  # a trigger counts once this fraction of its images go to its target
-    layers: str = "bn"  # "bn": every BatchNorm; or comma-separated module names
+    layers: str = "bn"  # "bn": every BatchNorm; or comma-separated module names or type names
     divergence: str = "tv"  # "tv", "js" or "kl"
     tau: float = 150.0
     bin_width: float = 0.1
@@ -365,23 +365,33 @@ def _channel_dim(ndim: int) -> int:
 
 
 def find_sites(model: nn.Module, layers: str) -> list[dict]:
-    """[{"module": name, "kind": "batchnorm" | "after"}] in module order, from the model's own modules."""
+    """[{"module": name, "kind": "batchnorm" | "after"}] in module order, from the model's own modules.
+
+    ``layers``: "bn" (every BatchNorm), or comma-separated module names and module type names ("LayerNorm"
+    selects every LayerNorm).
+    """
     modules = dict(model.named_modules())
     if layers == "bn":
         sites = [{"module": n, "kind": "batchnorm"} for n, m in modules.items()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not sites:
             raise ValueError(f"BNA found no BatchNorm in {type(model).__name__}; name the modules whose outputs "
-                             "should be aligned with --set layers=name1,name2 (a BN-style transform is inserted "
-                             "after each)")
+                             "should be aligned, or their type: --set layers=LayerNorm, or layers=name1,name2 (a "
+                             "BN-style transform is inserted after each)")
         return sites
-    names = [n.strip() for n in layers.split(",") if n.strip()]
-    missing = [n for n in names if n not in modules or n == ""]
-    if not names or missing:
+    tokens = [t.strip() for t in layers.split(",") if t.strip()]
+    by_type = {}
+    for n, m in modules.items():
+        if n:
+            by_type.setdefault(type(m).__name__, []).append(n)
+    missing = [t for t in tokens if t not in modules and t not in by_type]
+    if not tokens or missing:
         raise ValueError(f"BNA layers: no module named {', '.join(missing) or repr(layers)} in "
-                         f"{type(model).__name__} (use 'bn' or comma-separated names from model.named_modules())")
-    return [{"module": n, "kind": "batchnorm" if isinstance(modules[n], nn.modules.batchnorm._BatchNorm)
-             else "after"} for n in names]
+                         f"{type(model).__name__}, nor a module type of that name (use 'bn', module names from "
+                         "model.named_modules() or type names such as LayerNorm, comma-separated)")
+    chosen = {n for t in tokens for n in ([t] if t in modules else by_type[t])}
+    return [{"module": n, "kind": "batchnorm" if isinstance(m, nn.modules.batchnorm._BatchNorm) else "after"}
+            for n, m in modules.items() if n in chosen]
 
 
 class _Sites:

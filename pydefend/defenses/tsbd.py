@@ -154,14 +154,16 @@ class ActivenessAwareStep:
             grads = [p.grad for p in params]
             with torch.no_grad():
                 torch._foreach_copy_(saved, params)
-                torch._foreach_copy_(self.saved_stats, self.stats)
+                if self.stats:  # BatchNorm running statistics; a model without BatchNorm has none
+                    torch._foreach_copy_(self.saved_stats, self.stats)
                 for p, g, scale in zip(params, grads, self._scales(grads)):
                     p.add_(g, alpha=scale)
                 torch._foreach_mul_(grads, 1.0 - self.alpha)
             (self.alpha * F.cross_entropy(self.model(x), y)).backward()  # .grad = (1 − α)·g1 + α·g2
             with torch.no_grad():
                 torch._foreach_copy_(params, saved)
-                torch._foreach_copy_(self.stats, self.saved_stats)
+                if self.stats:
+                    torch._foreach_copy_(self.stats, self.saved_stats)
         self.optimizer.step()
         return float(loss.detach()), int((out.detach().argmax(1) == y).sum())
 

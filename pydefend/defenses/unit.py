@@ -138,12 +138,12 @@ class UNIT:
         train, val = clean.split(config.val_fraction, config.seed)
 
         with phases.phase("initialise"):
-            gm = graph.trace(model)
-            sites = graph.find_sites(gm, attention=config.attention)
+            located = graph.locate(model, attention=config.attention)
+            sites = located.sites
             if not sites:
-                raise ValueError("UNIT found no activation (ReLU, GELU, ...) to bound in this model")
+                raise ValueError(f"UNIT found no activation (ReLU, GELU, ...) to bound in this model ({located.note})")
             stats = _ActivationStats(config.granularity)
-            graph.capture(gm, sites, (x.to(device) for x, _ in train.batches(config.batch_size)), stats.add)
+            located.capture((x.to(device) for x, _ in train.batches(config.batch_size)), stats.add)
             bounds, inserted = {}, []
             for site in sites:
                 shape = stats.shape[site.node]
@@ -153,9 +153,9 @@ class UNIT:
                 with torch.no_grad():
                     module.upper.copy_(stats.bound(site.node, config.init_std))
                 bounds[site.node] = module
-                inserted.append({"node": site.node, "kind": site.kind, "module": "ChannelClip",
+                inserted.append({"node": site.node, "via": located.via, "kind": site.kind, "module": "ChannelClip",
                                  "args": {"shape": list(shape), "channel_dim": channel_dim, "relu": relu}})
-            bounded = graph.insert_after(gm, bounds, replace_relu=True).eval()
+            bounded = located.insert(bounds).eval()
             for p in bounded.parameters():
                 p.requires_grad_(False)
             uppers = [bounds[s.node].upper for s in sites]
@@ -176,6 +176,7 @@ class UNIT:
             "validation_accuracy": {"original": p0, "initial_bounds": p_init, "final": trace["best_accuracy"]},
             "budget_met": trace["best_step"] is not None or p0 - p_init <= config.epsilon,
             "best_step": trace["best_step"],
+            "sites_found_by": located.note,
             "sites": [{"node": s.node, "kind": s.kind, "shape": list(bounds[s.node].upper.shape),
                        "mean_bound_initial": trace["initial_means"][i],
                        "mean_bound_final": float(bounds[s.node].upper.detach().mean())}

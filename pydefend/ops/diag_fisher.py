@@ -34,7 +34,8 @@ parameters during `with fisher.accumulate(): ...forward and backward...`:
   samples seen in forward passes inside accumulate().
 * Rejected with a clear error: parameters not in the model, selected parameters of unsupported
   layers (supported: Linear, Conv2d, BatchNorm1d/2d/3d, LayerNorm, GroupNorm; subclasses only if
-  they keep the base forward), parameters shared by several layers, a layer called twice in one
+  they keep the base forward, or for LayerNorm and GroupNorm if their output equals the base forward's
+  on the first batch, as timm's does), parameters shared by several layers, a layer called twice in one
   pass (its per-sample gradient is a sum over calls).
 """
 from __future__ import annotations
@@ -310,10 +311,17 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SUPPORTED = _BN + (nn.LayerNorm, nn.GroupNorm, nn.Linear, nn.Conv2d)
 
 
-def _supported(module: nn.Module) -> bool:
+_STATELESS_NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
+def _supported(module: nn.Module):
+    """True for a supported layer; the base class for a stateless norm whose subclass overrides forward (timm's
+    LayerNorm), which is checked against the base forward on its first batch; False otherwise."""
     for base in SUPPORTED:
         if isinstance(module, base):
-            return type(module).forward is base.forward
+            if type(module).forward is base.forward:
+                return True
+            return base if base in _STATELESS_NORMS else False
     return False
 
 
@@ -401,17 +409,20 @@ class DiagFisher:
                 owners.setdefault(id(p), []).append((mname, module, pname))
         names = {id(p): name for name, p in model.named_parameters()}
         selected = self._select(model, params, names)
-        unsupported, self._layers = [], {}
+        unsupported, self._layers, self._unverified = [], {}, {}
         for name, p in selected:
             places = owners[id(p)]
             if len({id(m) for _, m, _ in places}) > 1 or len(places) > 1:
                 raise ValueError(f"DiagFisher: parameter {name!r} is shared by {len(places)} layers; its per-sample "
                                  f"gradient is a sum over them and cannot be split into per-layer squares")
             _, module, pname = places[0]
-            if not _supported(module) or pname not in ("weight", "bias"):
+            support = _supported(module)
+            if not support or pname not in ("weight", "bias"):
                 unsupported.append(f"{name} ({type(module).__name__})")
                 continue
             self._layers.setdefault(module, {})[pname] = name
+            if support is not True:
+                self._unverified[module] = support
         if unsupported:
             raise ValueError("DiagFisher: no per-sample Fisher for " + ", ".join(unsupported) + "; supported layers: "
                              + ", ".join(t.__name__ for t in SUPPORTED) + " (pass params= to leave others out)")
@@ -480,6 +491,13 @@ class DiagFisher:
             raise RuntimeError(f"DiagFisher: the output of {self._names(module)} does not require grad, so its "
                                f"gradient never arrives (is the forward under no_grad, or is everything before it "
                                f"frozen with an input that does not require grad?)")
+        if module in self._unverified:
+            base = self._unverified.pop(module)
+            with torch.no_grad():
+                same = torch.allclose(base.forward(module, x), output, rtol=1e-4, atol=1e-5)
+            if not same:
+                raise ValueError(f"DiagFisher: {type(module).__name__} {self._names(module)} overrides forward and "
+                                 f"does not compute {base.__name__}; its per-sample gradients are unknown")
         n = x.shape[0]
         if isinstance(module, nn.LayerNorm) and x.dim() <= len(module.normalized_shape):
             raise ValueError(f"DiagFisher: LayerNorm {self._names(module)} input {tuple(x.shape)} has no batch dim")
