@@ -203,7 +203,7 @@ def add_demo_parser(subparsers):
         "demo", help="the main job: every defense on the embedded backdoored model",
         description="Run every defense on the BadNets-backdoored PreAct-ResNet-18 embedded in the package "
                     "(Fashion-MNIST at 16x16, 3,000 clean training images for the defender) and print a "
-                    "before/after table. Takes about twelve minutes on two cores.")
+                    "before/after table. Takes about nine minutes on two cores.")
     parser.add_argument("--out", type=Path, default=Path("pydefend-demo"), help="output directory")
     parser.add_argument("--methods", nargs="+", default=None, choices=_defense_names(), metavar="METHOD",
                         help=f"defenses to run (default: all of {', '.join(_defense_names())})")
