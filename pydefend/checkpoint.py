@@ -101,10 +101,6 @@ def model_spec(name: str, in_channels: int, num_classes: int, image_size, config
             "image_size": [int(height), int(width)], "config": dict(config or {})}
 
 
-def build_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
-    return modelspec.build(spec, trust_code=trust_code)
-
-
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, or from a .pt/.pth state dict read with torch.load(weights_only=True),
     which unpickles tensors and containers only, never code. A dict holding a "state_dict" entry is unwrapped."""
@@ -227,6 +223,6 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", spec: dict | None = N
     meta = load_meta(directory)
     if spec is None and not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{directory / META_FILE} does not describe its model")
-    model = build_from_spec(spec or meta["model"], trust_code=trust_code)
+    model = modelspec.build(spec or meta["model"], trust_code=trust_code)
     load_state_into(model, load_weights(directory / WEIGHTS_FILE), directory)
     return model.to(device).eval(), meta

@@ -44,7 +44,6 @@ class _StandIn(nn.Module):
 
 
 class FrozenConv(_StandIn):
-
     def forward(self, x):
         return _FrozenConv.apply(x, self.original)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from . import graph
-from .checkpoint import CheckpointError, _format_json, _refuse_pickle, _looks_pickled, build_from_spec
+from . import graph, modelspec
+from .checkpoint import CheckpointError, _format_json, _refuse_pickle, _looks_pickled
 
 FORMAT = "pydefend-repaired"
 FORMAT_VERSION = 1
@@ -94,7 +94,7 @@ def load_repaired(path: str | os.PathLike, device="cpu", trust_code: bool = Fals
     meta = json.loads((directory / META_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{directory / META_FILE} is not a repaired-model description this pydefend reads")
-    model = _build_wrapper(_build_inserted(build_from_spec(meta["model"], trust_code), meta["inserted"]),
+    model = _build_wrapper(_build_inserted(modelspec.build(meta["model"], trust_code), meta["inserted"]),
                            meta.get("wrapper"))
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
