@@ -230,17 +230,18 @@ def load_npz(path: str | os.PathLike, test: str | None = None) -> Dataset:
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
             if test is not None:
                 raise ValueError(f"{path} holds its own test split (x_test, y_test): drop --test-data")
-            x_train = _to_image_tensor(archive["x_train"], f"{path}:x_train")
-            y_train = _to_labels(archive["y_train"], x_train.shape[0], f"{path}:y_train")
-            x_test = _to_image_tensor(archive["x_test"], f"{path}:x_test")
-            y_test = _to_labels(archive["y_test"], x_test.shape[0], f"{path}:y_test")
-            return _dataset(path.stem, x_train, y_train, x_test, y_test)
+            return _dataset(path.stem, *_npz_pair(archive, path, "_train"), *_npz_pair(archive, path, "_test"))
         if not {"x", "y"} <= keys:
             raise ValueError(f"{path} must contain arrays 'x' and 'y' (or x_train, y_train, x_test, "
                              f"y_test); found {sorted(keys)}")
-        x = _to_image_tensor(archive["x"], f"{path}:x")
-        y = _to_labels(archive["y"], x.shape[0], f"{path}:y")
+        x, y = _npz_pair(archive, path)
     return _with_test(path.stem, x, y, test)
+
+
+def _npz_pair(archive, path: Path, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrays x{suffix} and y{suffix} of an open .npz as images and labels."""
+    x = _to_image_tensor(archive[f"x{suffix}"], f"{path}:x{suffix}")
+    return x, _to_labels(archive[f"y{suffix}"], x.shape[0], f"{path}:y{suffix}")
 
 
 def _dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
@@ -269,8 +270,7 @@ def load_split(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(path, allow_pickle=False) as archive:
             if not {"x", "y"} <= set(archive.files):
                 raise ValueError(f"{path}: a test set needs arrays 'x' and 'y', found {sorted(archive.files)}")
-            x = _to_image_tensor(archive["x"], f"{path}:x")
-            return x, _to_labels(archive["y"], x.shape[0], f"{path}:y")
+            return _npz_pair(archive, path)
     if path.is_dir():
         return _read_image_folder(path)
     if ":" in spec:
