@@ -39,6 +39,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def _looks_pickled(path: Path) -> bool:
+    """Asked only of files that are not safetensors, whose first bytes are a header length and may read as
+    anything."""
     with open(path, "rb") as handle:
         head = handle.read(4)
     # torch.save writes a zip archive; plain pickles start with PROTO (0x80) + version.
@@ -58,7 +60,7 @@ def _resolve(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES or _looks_pickled(path):
+        if path.suffix.lower() in PICKLE_SUFFIXES or (not _is_safetensors(path) and _looks_pickled(path)):
             _refuse_pickle(path)
         if path.name not in (WEIGHTS_FILE, META_FILE):
             raise CheckpointError(f"{path} is not a pydefend checkpoint: pass the directory holding "
@@ -131,19 +133,35 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+# safetensors' own limit on the JSON header.
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
 def _is_safetensors(path: Path) -> bool:
-    """Parses the header: 8 bytes of little-endian length, then that much JSON."""
+    """Parses the header: 8 bytes of little-endian length, then that much JSON holding an object."""
     with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9:
-        return False
-    length = int.from_bytes(head[:8], "little")
-    return head[8:9] == b"{" and 8 + length <= path.stat().st_size
+        head = handle.read(8)
+        if len(head) < 8:
+            return False
+        length = int.from_bytes(head, "little")
+        if not 2 <= length <= min(_MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+            return False
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return False
+    return isinstance(header, dict)
 
 
 def load_state_into(model: nn.Module, state: dict, source) -> nn.Module:
     """Loads `state` into the user's model (inside any logits adapter) with a precise error on mismatch."""
-    target = modelspec.inner(model)
+    load_exact_state(modelspec.inner(model), state, source)
+    return model
+
+
+def load_exact_state(target: nn.Module, state: dict, source):
+    """Loads `state` into `target` when it holds exactly target's entries, shapes and kinds of number, with
+    finite values where a fresh model has them."""
     expected = target.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -158,8 +176,23 @@ def load_state_into(model: nn.Module, state: dict, source) -> nn.Module:
                 details.append(f"{label}: {shown}")
         raise CheckpointError(f"weights in {source} do not match the model {type(target).__name__}; "
                               + "; ".join(details))
+    for key, value in expected.items():
+        loaded = state[key]
+        if _number_kind(loaded) != _number_kind(value):
+            raise CheckpointError(f"weights in {source}: {key} holds {loaded.dtype} where the model has "
+                                  f"{value.dtype}; a {_number_kind(value)} tensor is needed")
+        # Where a fresh model holds finite numbers, NaN or inf can only be damage (or an attack on the defense).
+        if loaded.is_floating_point() and torch.isfinite(value).all() and not torch.isfinite(loaded).all():
+            raise CheckpointError(f"weights in {source}: {key} contains NaN or infinite values")
     target.load_state_dict(state)
-    return model
+
+
+def _number_kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "boolean"
+    if tensor.is_complex():
+        return "complex"
+    return "floating-point" if tensor.is_floating_point() else "integer"
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, spec: dict, *,
@@ -192,17 +225,50 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, spec: dict, 
 
 
 def load_meta(path: str | os.PathLike) -> dict:
+    """meta.json, with every field pydefend reads checked: it may come from someone you do not trust."""
     directory = _resolve(path)
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{directory / META_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / META_FILE} is not pydefend checkpoint metadata")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{directory} uses checkpoint format {meta['format_version']}; this "
-                              f"pydefend reads up to {FORMAT_VERSION}: upgrade pydefend")
+    file = directory / META_FILE
+    meta = read_description(file, FORMAT, FORMAT_VERSION)
+    seed = meta.get("seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise CheckpointError(f"{file}: seed must be a non-negative integer, got {seed!r}")
+    if meta.get("attack") is not None and not isinstance(meta["attack"], dict):
+        raise CheckpointError(f"{file}: attack must be an object or null, got {type(meta['attack']).__name__}")
+    indices = meta.get("clean_indices")
+    if indices is not None and not (isinstance(indices, list) and all(_is_int(i) for i in indices)):
+        raise CheckpointError(f"{file}: clean_indices must be a list of integers")
+    if meta.get("dataset") is not None and not isinstance(meta["dataset"], str):
+        raise CheckpointError(f"{file}: dataset must be a string, got {type(meta['dataset']).__name__}")
+    data = meta.get("data")
+    if data is not None and not (isinstance(data, dict) and all(
+            isinstance(data.get(split), (str, type(None))) for split in ("train", "test"))):
+        raise CheckpointError(f"{file}: data must be an object with 'train' and 'test' strings (or null)")
     return meta
+
+
+def read_description(file: Path, format: str, version: int) -> dict:
+    """A JSON description (meta.json, repaired.json) of format `format` up to `version`, with a model spec."""
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{file} is nested too deeply to be a pydefend description") from None
+    if not isinstance(meta, dict) or meta.get("format") != format:
+        raise CheckpointError(f"{file} is not a {format} description")
+    found = meta.get("format_version", 0)
+    if not _is_int(found) or found < 0:
+        raise CheckpointError(f"{file}: format_version must be a non-negative integer, got {found!r}")
+    if found > version:
+        raise CheckpointError(f"{file} uses {format} format {found}; this pydefend reads up to {version}: "
+                              "upgrade pydefend")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{file} does not describe its model (no 'model' object)")
+    return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def data_spec(meta: dict) -> dict:
@@ -221,8 +287,6 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", spec: dict | None = N
     """
     directory = _resolve(path)
     meta = load_meta(directory)
-    if spec is None and not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{directory / META_FILE} does not describe its model")
     model = modelspec.build(spec or meta["model"], trust_code=trust_code)
     load_state_into(model, load_weights(directory / WEIGHTS_FILE), directory)
     return model.to(device).eval(), meta

@@ -8,6 +8,7 @@ stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -58,12 +59,66 @@ def _clean_fraction(text):
     return value
 
 
+def _positive_real(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
+
+
+MAX_WIDTH = 4096
+
+
+def _width(text):
+    value = _positive_int(text)
+    if value > MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WIDTH}, got {text}")
+    return value
+
+
+def _device(text):
+    """'cpu', 'cuda' or 'cuda:N', refused here when this torch cannot reach it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cpu":
+        return text
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        raise argparse.ArgumentTypeError(f"{text} is not available: this torch ({torch.__version__}, {build}) "
+                                         "sees no CUDA GPU; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text} is not available: this machine has "
+                                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def _json_object(text):
     import json
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"depth\": 4}}' ({exc})") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("is nested too deeply") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
     return value
@@ -87,7 +142,7 @@ def _add_model_options(parser, default_model):
                         help="pydefend's own (" + ", ".join(sorted(MODELS)) + "), torchvision:NAME, timm:NAME, "
                              "transformers:CLASS, hf:CONFIG_DIR, path/to/file.py:NAME or package.module:NAME"
                              + (f"; default: {default_model}" if default_model else ""))
-    parser.add_argument("--width", type=_positive_int, default=None,
+    parser.add_argument("--width", type=_width, default=None,
                         help="base channel count / embed dim of pydefend's models (default 16)")
     parser.add_argument("--num-classes", type=_positive_int, default=None,
                         help="classes of the model (default: from the data)")
@@ -100,11 +155,11 @@ def _add_model_options(parser, default_model):
 def _add_training_options(parser, default_epochs):
     parser.add_argument("--epochs", type=_positive_int, default=default_epochs)
     parser.add_argument("--batch-size", type=_positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (one-cycle)")
+    parser.add_argument("--lr", type=_positive_real, default=0.05, help="peak learning rate (one-cycle)")
     parser.add_argument("--target", type=int, default=0, help="attack target class")
     parser.add_argument("--rate", type=_fraction, default=0.10, help="poison rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is fastest "
                              "when other jobs share the cores)")
@@ -140,7 +195,7 @@ def add_zoo_parser(subparsers):
                         help="digits or fashion_mnist (the zoo's own data), with @HxW to resize; default: "
                              "fashion_mnist")
     parser.add_argument("--model", default="preact_resnet18", choices=sorted(MODELS))
-    parser.add_argument("--width", type=_positive_int, default=16, help="base channel count / embed dim")
+    parser.add_argument("--width", type=_width, default=16, help="base channel count / embed dim")
     _add_training_options(parser, default_epochs=6)
     parser.add_argument("--out", type=Path, default=None,
                         help="zoo directory (default: $PYDEFEND_ZOO or ~/.cache/pydefend/zoo)")
@@ -191,8 +246,8 @@ def add_defend_parser(subparsers):
     parser.add_argument("--preset", default=None,
                         help="a named configuration of the defense, e.g. 'official' (the authors' code)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: ./defended-<method>)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_defend)
@@ -207,7 +262,7 @@ def add_demo_parser(subparsers):
     parser.add_argument("--out", type=Path, default=Path("pydefend-demo"), help="output directory")
     parser.add_argument("--methods", nargs="+", default=None, choices=_defense_names(), metavar="METHOD",
                         help=f"defenses to run (default: all of {', '.join(_defense_names())})")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_demo)
@@ -230,13 +285,37 @@ def _classes_of(model, dataset, device) -> int:
     """The model's output count; the data's labels must fit it."""
     import torch
 
+    from .modelspec import logits_of
+
     with torch.no_grad():
-        outputs = model(dataset.x_test[:2].to(device)).shape[-1]
+        try:
+            outputs = logits_of(model(dataset.x_test[:2].to(device))).shape[-1]
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise UsageError(f"the model cannot take the data's images of shape {tuple(dataset.input_shape)}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     labels = int(max(dataset.y_train.max(), dataset.y_test.max())) + 1
     if labels > outputs:
         raise UsageError(f"the data has labels up to {labels - 1} but the model has {outputs} outputs: pass the "
                          f"right --num-classes, or data whose classes are the model's")
     return outputs
+
+
+def _check_recorded_data(data: dict, checkpoint: Path):
+    """A checkpoint's meta.json names its data, and may come from someone you do not trust: it may name pydefend's
+    datasets, or files and folders under the current directory or beside the checkpoint, never code."""
+    from .data import NAMED_DATASETS, names_code, split_base
+
+    allowed = [Path.cwd().resolve(), checkpoint.resolve().parent]
+    for split, spec in data.items():
+        if spec is None or split_base(spec) in NAMED_DATASETS:
+            continue
+        if names_code(spec):
+            raise UsageError(f"{checkpoint} records data read by code ({spec}); pydefend imports code only when "
+                             f"you name it: pass --data (and --test-data)")
+        location = Path(split_base(spec)).resolve()
+        if not any(location.is_relative_to(root) for root in allowed):
+            raise UsageError(f"{checkpoint} records its {split} data at {location}, outside the current directory "
+                             f"and the checkpoint's: pass --data (and --test-data) to use it")
 
 
 def run_attack(args) -> int:
@@ -293,7 +372,7 @@ def run_zoo(args) -> int:
 def run_defend(args) -> int:
     from .attacks import make_attack
     from .checkpoint import CheckpointError, data_spec, load_checkpoint, load_meta, load_state_into, load_weights
-    from .data import absolute_spec, clean_split, load_dataset, names_code
+    from .data import absolute_spec, clean_split, load_dataset
     from .defend import SUMMARY_HEADER, format_table, parse_overrides, run_defense, summary_row
     from .defenses import get_defense
     from .zoo import attack_from_meta
@@ -309,9 +388,8 @@ def run_defend(args) -> int:
                 else data_spec(meta))
         if not data["train"]:
             raise UsageError(f"{args.checkpoint} names no dataset: pass --data")
-        if not args.data and any(names_code(data[split]) for split in data):
-            raise UsageError(f"{args.checkpoint} records data read by code ({data['train']}); pydefend imports "
-                             f"code only when you name it: pass --data (and --test-data)")
+        if not args.data:
+            _check_recorded_data(data, args.checkpoint)
         dataset = load_dataset(data["train"], seed=meta.get("seed") or 0, test=data["test"])
         if args.model:
             spec, _ = _model_from_args(args, dataset)

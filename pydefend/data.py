@@ -9,9 +9,11 @@ torch Datasets (whose images may be normalised any way; the others lie in [0, 1]
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +210,10 @@ def _to_image_tensor(x: np.ndarray, source: str) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+# Classes a label may index: ImageNet-21k's 21,841 with room to spare, never a count that exhausts memory.
+MAX_CLASSES = 1_000_000
+
+
 def _to_labels(y: np.ndarray, count: int, source: str) -> torch.Tensor:
     y = np.asarray(y)
     if y.shape != (count,):
@@ -216,6 +222,8 @@ def _to_labels(y: np.ndarray, count: int, source: str) -> torch.Tensor:
         raise ValueError(f"{source}: labels must be integers, got {y.dtype}")
     if y.size and y.min() < 0:
         raise ValueError(f"{source}: labels must be non-negative, got {y.min()}")
+    if y.size and y.max() >= MAX_CLASSES:
+        raise ValueError(f"{source}: labels must be class indices below {MAX_CLASSES:,}, got {y.max()}")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -224,8 +232,7 @@ def load_npz(path: str | os.PathLike, test: str | None = None) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such .npz file: {path}")
-    # allow_pickle=False: object arrays in an untrusted file could run code.
-    with np.load(path, allow_pickle=False) as archive:
+    with _open_npz(path) as archive:
         keys = set(archive.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
             if test is not None:
@@ -236,6 +243,23 @@ def load_npz(path: str | os.PathLike, test: str | None = None) -> Dataset:
                              f"y_test); found {sorted(keys)}")
         x, y = _npz_pair(archive, path)
     return _with_test(path.stem, x, y, test)
+
+
+@contextlib.contextmanager
+def _open_npz(path: Path):
+    """An .npz archive, with a broken or foreign file reported as a ValueError naming it."""
+    try:
+        # allow_pickle=False: object arrays in an untrusted file could run code.
+        archive = np.load(path, allow_pickle=False)
+    except (EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable .npz archive: {exc}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds one array, not an .npz archive of named arrays (np.savez writes one)")
+    with archive:
+        try:
+            yield archive
+        except (EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise ValueError(f"{path} is a damaged .npz archive: {exc}") from None
 
 
 def _npz_pair(archive, path: Path, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +291,7 @@ def load_split(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"no such .npz file: {path}")
-        with np.load(path, allow_pickle=False) as archive:
+        with _open_npz(path) as archive:
             if not {"x", "y"} <= set(archive.files):
                 raise ValueError(f"{path}: a test set needs arrays 'x' and 'y', found {sorted(archive.files)}")
             return _npz_pair(archive, path)
@@ -380,12 +404,22 @@ def resized(dataset: Dataset, size) -> Dataset:
                    resize(dataset.x_test), dataset.y_test, dataset.num_classes)
 
 
+NAMED_DATASETS = ("digits", "fashion_mnist", "fashion-mnist")
+# Both sides of a resized image; far beyond any classifier's input, well short of exhausting memory by mistake.
+MAX_IMAGE_SIDE = 4096
+
+
+def split_base(spec: str) -> str:
+    """``spec`` without its ``@HxW`` resize suffix."""
+    match = _SIZE_SUFFIX.match(spec)
+    return match["base"] if match else spec
+
+
 def names_code(spec: str | None) -> bool:
     """Whether loading ``spec`` imports Python code (``module:factory`` or ``file.py:factory``)."""
     if spec is None:
         return False
-    match = _SIZE_SUFFIX.match(spec)
-    base = match["base"] if match else spec
+    base = split_base(spec)
     return ":" in base and Path(base).suffix != ".npz" and not Path(base).is_dir()
 
 
@@ -411,8 +445,11 @@ def load_dataset(spec: str, seed: int = 0, test: str | None = None) -> Dataset:
     match = _SIZE_SUFFIX.match(spec)
     if match:
         height = int(match["height"])
-        return resized(load_dataset(match["base"], seed, test), (height, int(match["width"] or height)))
-    if spec in ("digits", "fashion_mnist", "fashion-mnist") and test is not None:
+        width = int(match["width"] or height)
+        if max(height, width) > MAX_IMAGE_SIDE:
+            raise ValueError(f"{spec}: images can be resized to at most {MAX_IMAGE_SIDE} pixels a side")
+        return resized(load_dataset(match["base"], seed, test), (height, width))
+    if spec in NAMED_DATASETS and test is not None:
         raise ValueError(f"{spec} has its own test split: drop --test-data")
     if spec == "digits":
         return load_digits(seed=seed)

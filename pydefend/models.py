@@ -250,8 +250,19 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size, **con
     """Build a registered model. ``config`` (e.g. ``width``) must be JSON-serialisable."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    if in_channels < 1 or num_classes < 2:
-        raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+    sides = [image_size] if isinstance(image_size, int) else list(image_size)
+    if len(sides) not in (1, 2):
+        raise ValueError(f"model {name!r}: image_size must be N or (H, W), got {image_size!r}")
+    sizes = {"in_channels": in_channels, "num_classes": num_classes, "image_size": sides,
+             **{key: value for key, value in config.items()
+                if key in ("width", "depth", "heads") or key == "patch_size" and value is not None}}
+    for key, value in sizes.items():
+        for number in value if key == "image_size" else [value]:
+            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+                kind = "positive integers" if key == "image_size" else "a positive integer"
+                raise ValueError(f"model {name!r}: {key} must be {kind}, got {value!r}")
+    if num_classes < 2:
+        raise ValueError(f"model {name!r} needs num_classes >= 2, got {num_classes}")
     builder = MODELS[name]
     accepted = list(inspect.signature(builder).parameters)[3:]
     unknown = sorted(set(config) - set(accepted))

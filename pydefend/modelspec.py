@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,7 +139,50 @@ def build(spec: dict, trust_code: bool = False, example: torch.Tensor | None = N
     With ``example`` (one input batch) the output is probed once and the spec gets ``"output"``: how it is
     adapted to logits. Without it the recorded adaptation is applied.
     """
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ModelSpecError(f"a model description is an object with a 'name' string, got {str(spec)[:200]}")
+    for field in ("config", "args"):
+        if not isinstance(spec.get(field, {}), dict):
+            raise ModelSpecError(f"the model description's {field!r} must be an object, got {spec[field]!r:.200}")
     source = spec.get("source", "pydefend")
+    if source != "python":  # the user's own code runs once only: it is trusted and sized by its author
+        _check_size(spec, source)
+    model = _construct(spec, source, trust_code)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec.get('name')} returned {type(model).__name__}, not an nn.Module")
+    model.eval()
+    if example is not None:
+        with torch.no_grad():
+            try:
+                output = model(example)
+            except Exception as exc:  # the user's model meets the user's data: say which and why
+                raise ModelSpecError(f"{source}:{spec.get('name')} cannot take the data's images of shape "
+                                     f"{tuple(example.shape[1:])}: {type(exc).__name__}: {exc}") from exc
+        logits_of(output)
+        spec["output"] = "tensor" if isinstance(output, torch.Tensor) else "logits"
+    return Logits(model) if spec.get("output", "tensor") == "logits" else model
+
+
+def _check_size(spec: dict, source: str):
+    """A description may come from someone you do not trust: the model is first built without memory (on torch's
+    meta device) and refused when its weights alone would not fit in this machine's memory."""
+    try:
+        with torch.device("meta"):
+            model = _construct(spec, source, trust_code=False)
+    except Exception:  # bad arguments, or a model that needs real tensors to build: the real build says which
+        return
+    if not isinstance(model, nn.Module):
+        return
+    tensors = list(model.parameters()) + list(model.buffers())
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise ModelSpecError(f"{source}:{spec['name']} as described would hold {size / 2**30:,.1f} GiB of weights, "
+                             f"more than this machine's {memory / 2**30:,.1f} GiB of memory: check its sizes "
+                             f"({json.dumps(spec.get('config') or spec.get('args') or {})[:200]})")
+
+
+def _construct(spec: dict, source: str, trust_code: bool) -> nn.Module:
     try:
         if source == "pydefend":
             model = build_model(spec["name"], spec["in_channels"], spec["num_classes"], tuple(spec["image_size"]),
@@ -164,21 +208,12 @@ def build(spec: dict, trust_code: bool = False, example: torch.Tensor | None = N
             raise ModelSpecError(f"unknown model source {source!r}; known: {', '.join(SOURCES)}")
     except KeyError as exc:
         raise ModelSpecError(f"model description lacks field {exc.args[0]!r}: {json.dumps(spec)[:300]}") from exc
-    except TypeError as exc:  # wrong --model-args for a class or factory
-        raise ModelSpecError(f"cannot build {source}:{spec.get('name')} with these arguments: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{spec.get('name')} returned {type(model).__name__}, not an nn.Module")
-    model.eval()
-    if example is not None:
-        with torch.no_grad():
-            try:
-                output = model(example)
-            except Exception as exc:  # the user's model meets the user's data: say which and why
-                raise ModelSpecError(f"{source}:{spec.get('name')} cannot take the data's images of shape "
-                                     f"{tuple(example.shape[1:])}: {type(exc).__name__}: {exc}") from exc
-        logits_of(output)
-        spec["output"] = "tensor" if isinstance(output, torch.Tensor) else "logits"
-    return Logits(model) if spec.get("output", "tensor") == "logits" else model
+    except ModelSpecError:
+        raise
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # sizes or arguments the class refuses
+        raise ModelSpecError(f"cannot build {source}:{spec.get('name')} with these arguments: "
+                             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    return model
 
 
 def inner(model: nn.Module) -> nn.Module:

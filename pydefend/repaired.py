@@ -16,7 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from . import graph, modelspec
-from .checkpoint import CheckpointError, _format_json, _refuse_pickle, _looks_pickled
+from .checkpoint import (CheckpointError, _format_json, _is_safetensors, _looks_pickled, _refuse_pickle,
+                         load_exact_state, read_description)
 
 FORMAT = "pydefend-repaired"
 FORMAT_VERSION = 1
@@ -34,27 +35,41 @@ def _wrappers():
     return {"BNAModel": BNAModel}
 
 
+def _construct(cls, description: dict, *args) -> nn.Module:
+    """cls(*args, **description["args"]), with arguments a file may have got wrong reported as such."""
+    arguments = description.get("args", {})
+    if not isinstance(arguments, dict):
+        raise CheckpointError(f"{cls.__name__}'s recorded args must be an object, got {arguments!r:.200}")
+    try:
+        return cls(*args, **arguments)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot rebuild {cls.__name__} from its recorded args: {exc}") from exc
+
+
 def _build_wrapper(model: nn.Module, wrapper: dict | None) -> nn.Module:
     if not wrapper:
         return model
     try:
         cls = _wrappers()[wrapper["class"]]
     except (KeyError, TypeError):
-        raise CheckpointError(f"unknown wrapper {wrapper!r}") from None
-    return cls(model, **wrapper["args"])
+        raise CheckpointError(f"unknown wrapper {wrapper!r:.200}") from None
+    return _construct(cls, wrapper, model)
 
 
 def _build_inserted(model: nn.Module, inserted: list) -> nn.Module:
     if not inserted:
         return model
+    if not (isinstance(inserted, list) and all(isinstance(e, dict) and isinstance(e.get("node"), str)
+                                               for e in inserted)):
+        raise CheckpointError("'inserted' must be a list of objects, each naming its 'node'")
     classes = _insertable()
     modules = {}
     for entry in inserted:
         try:
-            cls = classes[entry["module"]]
-        except KeyError:
-            raise CheckpointError(f"unknown inserted module {entry.get('module')!r}") from None
-        modules[entry["node"]] = cls(**entry["args"])
+            cls = classes[entry.get("module")]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"unknown inserted module {entry.get('module')!r:.200}") from None
+        modules[entry["node"]] = _construct(cls, entry)
     return graph.insert_recorded(model, modules, inserted[0].get("via", "graph"))
 
 
@@ -86,22 +101,17 @@ def load_repaired(path: str | os.PathLike, device="cpu", trust_code: bool = Fals
 
     directory = Path(path)
     if directory.is_file():
-        if _looks_pickled(directory):
+        if not _is_safetensors(directory) and _looks_pickled(directory):
             _refuse_pickle(directory)
         directory = directory.parent
     if not (directory / META_FILE).exists():
         raise CheckpointError(f"{directory} holds no repaired model ({META_FILE} is missing)")
-    meta = json.loads((directory / META_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{directory / META_FILE} is not a repaired-model description this pydefend reads")
-    model = _build_wrapper(_build_inserted(modelspec.build(meta["model"], trust_code), meta["inserted"]),
+    meta = read_description(directory / META_FILE, FORMAT, FORMAT_VERSION)
+    model = _build_wrapper(_build_inserted(modelspec.build(meta["model"], trust_code), meta.get("inserted")),
                            meta.get("wrapper"))
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, FileNotFoundError) as exc:
         raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{directory} does not match its description: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    load_exact_state(model, state, directory / WEIGHTS_FILE)
     return model.to(device).eval()

@@ -111,3 +111,29 @@ def test_missing_and_mismatched_files(saved, tmp_path):
 
 def saved_spec():
     return model_spec("preact_resnet18", 1, 10, 12, {"width": 4})
+
+
+
+@pytest.mark.parametrize("header_length", [640, 896, 1152, 1408, 65536 + 640])
+def test_safetensors_whose_header_length_reads_as_a_pickle_opcode(tmp_path, header_length):
+    """A header length of 640 starts the file with bytes 0x80 0x02, pickle's PROTO 2: the file is still
+    safetensors, and is read as such, directly or through its directory."""
+    from safetensors.torch import save_file
+
+    from pydefend.checkpoint import _resolve, load_weights
+
+    path = tmp_path / "model.safetensors"
+    state = {"weight": torch.randn(3, 2)}
+
+    def header_with(padding):
+        save_file(state, str(path), metadata={"pad": "x" * padding})
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    base = header_with(0)
+    lengths = {header_with(padding): padding for padding in range(header_length - base - 8, header_length - base + 8)}
+    header_with(lengths[header_length])  # safetensors pads to 8 bytes, so every multiple of 8 is reachable
+    assert path.read_bytes()[:2] == bytes([header_length % 256, header_length // 256 % 256])
+    assert torch.equal(load_weights(path)["weight"], state["weight"])
+    (tmp_path / "meta.json").write_text("{}")
+    assert _resolve(path) == tmp_path
+    assert _resolve(tmp_path) == tmp_path
