@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import time
 import typing
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .defenses import CleanData, get_defense
+from .defenses.base import preset_config, shown
 from .environment import environment
 from .metrics import defense_effectiveness_rating, detection_rates, evaluate
 from .monitor import METHOD as MEMORY_METHOD
@@ -18,14 +21,17 @@ from .repaired import save_repaired
 
 
 def parse_overrides(config_cls, pairs: list[str], preset: str | None = None):
-    """A config from `--set key=value` strings (typed by the dataclass fields) and an optional preset."""
+    """A config from `--set key=value` strings (typed by the dataclass fields) and an optional preset.
+
+    Every problem (unknown key, unparsable or out-of-range value, unknown preset) is one line of ValueError.
+    """
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)
     values = {}
     for pair in pairs or []:
         key, sep, text = pair.partition("=")
         if not sep or key not in fields:
-            raise ValueError(f"bad setting {pair!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
+            raise ValueError(f"bad setting {shown(pair)}: use KEY=VALUE with KEY one of {', '.join(fields)}")
         kind = hints[key]
         try:
             if kind is bool:
@@ -38,13 +44,55 @@ def parse_overrides(config_cls, pairs: list[str], preset: str | None = None):
                 value = json.loads(text)
                 values[key] = tuple(value) if isinstance(value, list) else value
         except ValueError:
-            raise ValueError(f"bad value for {key}: {text!r} (expected {getattr(kind, '__name__', kind)})") from None
+            expected = getattr(kind, "__name__", kind)
+            raise ValueError(f"bad value for {key}: {shown(text)} (expected {expected})") from None
+        except RecursionError:
+            raise ValueError(f"bad value for {key}: {shown(text)} (JSON nested too deeply)") from None
     if preset is not None:
-        factory = getattr(config_cls, preset, None)
-        if not callable(factory):
-            raise ValueError(f"{config_cls.__name__} has no preset {preset!r}")
-        return factory(**values)
+        return preset_config(config_cls, preset, values)
     return config_cls(**values)
+
+
+def checked_indices(indices, size: int) -> torch.Tensor:
+    """`indices` of the defender's clean samples as a 1-D int64 tensor, refused (one line of ValueError) unless
+    they are at least two distinct integers in [0, size)."""
+    if isinstance(indices, torch.Tensor):
+        if indices.dtype in (torch.bool,) or indices.is_floating_point() or indices.is_complex():
+            raise ValueError(f"clean_indices must be integers, got a {indices.dtype} tensor")
+        idx = indices.detach().to("cpu", torch.long)
+    elif isinstance(indices, np.ndarray):
+        if indices.dtype.kind not in "iu":
+            raise ValueError(f"clean_indices must be integers, got an array of {indices.dtype}")
+        if indices.dtype.kind == "u" and indices.size and indices.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"clean_indices must be in [0, {size}), got {int(indices.max())}")
+        idx = torch.from_numpy(indices.astype(np.int64))
+    elif isinstance(indices, (list, tuple, range)):
+        bad = next((v for v in indices if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_))),
+                   None)
+        if bad is not None:
+            raise ValueError(f"clean_indices must be integers, got {shown(bad)}")
+        out = next((v for v in indices if not 0 <= v < size), None)
+        if out is not None:
+            raise ValueError(f"clean_indices must be in [0, {size}) (the training samples), got {shown(out)}")
+        idx = torch.tensor([int(v) for v in indices], dtype=torch.long)
+    else:
+        raise ValueError(f"clean_indices must be a list or tensor of integers, got {type(indices).__name__}")
+    if idx.dim() != 1:
+        raise ValueError(f"clean_indices must be one-dimensional, got shape {tuple(idx.shape)}")
+    if idx.numel() < 2:
+        raise ValueError(f"a defense needs at least two clean samples, got {idx.numel()} clean_indices")
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"clean_indices must be in [0, {size}) (the training samples), "
+                         f"got {low if low < 0 else high}")
+    values, counts = idx.unique(return_counts=True)
+    if values.numel() != idx.numel():
+        repeated = int((counts > 1).sum())
+        worst = int(counts.argmax())
+        raise ValueError(f"clean_indices must be distinct, but {repeated} "
+                         f"{'index repeats' if repeated == 1 else 'indices repeat'} "
+                         f"(e.g. {int(values[worst])} appears {int(counts[worst])} times)")
+    return idx
 
 
 def run_defense(method: str, model, dataset, attack, clean_indices, config=None, device="cpu",
@@ -55,7 +103,7 @@ def run_defense(method: str, model, dataset, attack, clean_indices, config=None,
     ``before``: the model's metrics on this dataset and attack, when already measured.
     """
     defense_cls = get_defense(method)
-    idx = torch.as_tensor(clean_indices, dtype=torch.long)
+    idx = checked_indices(clean_indices, len(dataset.x_train))
     clean = CleanData(dataset.x_train[idx], dataset.y_train[idx], dataset.num_classes)
     start = time.perf_counter()
     if before is None:

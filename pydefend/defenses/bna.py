@@ -64,7 +64,8 @@ from torch import nn
 from ..monitor import PhaseRecorder
 from ..ops.soft_histogram import f_divergence, soft_histogram
 from ..progress import progress_bar
-from .base import CleanData, DefenseResult, config_dict, pyplot, register, save_figure
+from .base import (COUNT, EPOCHS, POSITIVE, SEED, CleanData, DefenseResult, choice, config_dict, pyplot, real,
+                   register, save_figure, text, validate)
 
 NC_CONSISTENCY = 1.4826  # MAD of a normal sample · 1.4826 ≈ its standard deviation (Neural Cleanse)
 
@@ -94,22 +95,7 @@ class BNAConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.detection not in ("target", "pairs"):
-            raise ValueError(f"BNA detection must be 'target' or 'pairs', got {self.detection!r}")
-        if self.trigger not in ("auto", "patch", "perturbation", "both"):
-            raise ValueError(f"BNA trigger must be 'auto', 'patch', 'perturbation' or 'both', got {self.trigger!r}")
-        if self.statistic not in ("log", "linear"):
-            raise ValueError(f"BNA statistic must be 'log' or 'linear', got {self.statistic!r}")
-        if self.divergence not in ("tv", "js", "kl"):
-            raise ValueError(f"BNA divergence must be 'tv', 'js' or 'kl', got {self.divergence!r}")
-        if min(self.re_steps, self.re_batch_size, self.re_max_images, self.re_check_every, self.re_patience,
-               self.batch_size) < 1:
-            raise ValueError("BNA needs re_steps, re_batch_size, re_max_images, re_check_every, re_patience and "
-                             "batch_size >= 1")
-        if self.epochs < 0 or self.lr <= 0 or self.re_lr <= 0 or self.tau <= 0 or self.bin_width <= 0:
-            raise ValueError("BNA needs epochs >= 0 and positive lr, re_lr, tau and bin_width")
-        if not 0 < self.re_success <= 1:
-            raise ValueError(f"BNA re_success must be in (0, 1], got {self.re_success}")
+        validate(self, "BNAConfig", BNA_RULES)
 
     @property
     def trigger_kinds(self) -> list[str]:
@@ -122,6 +108,31 @@ class BNAConfig:
         if self.threshold is not None:
             return float(self.threshold)
         return 2.0 if self.detection == "target" else 7.0
+
+
+BNA_RULES = {
+    "detection": choice("target", "pairs"),
+    "trigger": choice("auto", "patch", "perturbation", "both"),
+    "threshold": real(above=0, optional=True),  # an anomaly index: flagged above it
+    "statistic": choice("log", "linear"),
+    "re_steps": COUNT,
+    "re_batch_size": COUNT,
+    "re_max_images": COUNT,
+    "re_lr": POSITIVE,
+    "re_init_cost": POSITIVE,  # λ only ever grows or shrinks by a factor: from 0 it would stay 0
+    "re_cost_multiplier": real(above=1),
+    "re_check_every": COUNT,
+    "re_patience": COUNT,
+    "re_success": real(above=0, high=1),  # a success rate
+    "layers": text(),  # "bn" or comma-separated module or type names (checked against the model)
+    "divergence": choice("tv", "js", "kl"),
+    "tau": POSITIVE,
+    "bin_width": POSITIVE,
+    "epochs": EPOCHS,
+    "lr": POSITIVE,
+    "batch_size": COUNT,
+    "seed": SEED,
+}
 
 
 @contextlib.contextmanager

@@ -61,8 +61,9 @@ from ..monitor import PhaseRecorder
 from ..reproducible import thread_count_independent
 from ..ops.neuron_l1 import CONV_TYPES, neuron_l1_change, select_and_zero
 from ..progress import progress_bar
-from .base import (AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, pyplot, register,
-                   save_figure)
+from .base import (AUGMENTATIONS, COUNT, EPOCHS, FRACTION, MOMENTUM, NONNEGATIVE, POSITIVE, SEED, CleanData,
+                   DefenseResult, accuracy, augmented, choice, config_dict, flag, preset, pyplot, register, save_figure,
+                   validate)
 
 LAYER_TYPES = {"conv": CONV_TYPES, "linear": (nn.Linear,), "conv+linear": CONV_TYPES + (nn.Linear,)}
 
@@ -94,26 +95,38 @@ class TSBDConfig:
     seed: int = 0
 
     def __post_init__(self):
-        choices = {"unlearn_check": ("batch", "epoch"), "layers": tuple(LAYER_TYPES),
-                   "finetune_augment": AUGMENTATIONS, "finetune_schedule": ("cosine", "constant"),
-                   "selection": ("global", "per_neuron"), "perturb_norm": ("global", "per_tensor")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"TSBD {key} must be one of {', '.join(map(repr, allowed))}, "
-                                 f"got {getattr(self, key)!r}")
-        for key in ("unlearn_threshold", "neuron_ratio", "weight_ratio", "alpha"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"TSBD {key} is a fraction in [0, 1], got {getattr(self, key)}")
-        if self.unlearn_lr <= 0 or self.finetune_lr < 0 or self.r < 0:
-            raise ValueError("TSBD needs unlearn_lr > 0, finetune_lr >= 0 and r >= 0")
-        if self.max_unlearn_epochs < 1 or self.finetune_epochs < 0 or self.batch_size < 1:
-            raise ValueError("TSBD needs max_unlearn_epochs >= 1, finetune_epochs >= 0 and batch_size >= 1")
+        validate(self, "TSBDConfig", TSBD_RULES)
 
-    @classmethod
+    @preset
     def official(cls, **overrides) -> "TSBDConfig":
         """The settings of the authors' released code."""
         base = dict(perturb_norm="per_tensor", unlearn_check="epoch", finetune_epochs=21)
         return cls(**{**base, **overrides})
+
+
+TSBD_RULES = {
+    "unlearn_lr": POSITIVE,  # gradient ascent must move
+    "unlearn_momentum": MOMENTUM,
+    "unlearn_threshold": FRACTION,  # an accuracy
+    "unlearn_check": choice("batch", "epoch"),
+    "max_unlearn_epochs": COUNT,
+    "layers": choice(*LAYER_TYPES),
+    "neuron_ratio": FRACTION,  # n
+    "weight_ratio": FRACTION,  # m
+    "selection": choice("global", "per_neuron"),
+    "finetune_epochs": EPOCHS,
+    "finetune_lr": NONNEGATIVE,
+    "finetune_momentum": MOMENTUM,
+    "finetune_augment": choice(*AUGMENTATIONS),
+    "finetune_weight_decay": NONNEGATIVE,
+    "finetune_schedule": choice("cosine", "constant"),
+    "r": NONNEGATIVE,  # the perturbation radius
+    "alpha": FRACTION,  # the weight of g2 in (1 − α)·g1 + α·g2
+    "perturb_norm": choice("global", "per_tensor"),
+    "batch_size": COUNT,
+    "inplace": flag,
+    "seed": SEED,
+}
 
 
 class ActivenessAwareStep:

@@ -65,8 +65,9 @@ from ..monitor import PhaseRecorder
 from ..ops.diag_fisher import DiagFisher
 from ..reproducible import thread_count_independent
 from ..progress import progress_bar
-from .base import (AUGMENTATIONS, CleanData, DefenseResult, accuracy, augmented, config_dict, pyplot, register,
-                   save_figure)
+from .base import (AUGMENTATIONS, COUNT, EPOCHS, FRACTION, MOMENTUM, NONNEGATIVE, POSITIVE, SEED, CleanData,
+                   DefenseResult, accuracy, augmented, choice, config_dict, integer, pyplot, real, register,
+                   save_figure, validate)
 
 _BN = nn.modules.batchnorm._BatchNorm
 _NORMS = (_BN, nn.LayerNorm)
@@ -98,27 +99,34 @@ class UniBPConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.ratio_of not in ("affine", "all"):
-            raise ValueError(f"UniBP ratio_of must be 'affine' or 'all', got {self.ratio_of!r}")
-        if self.mask_params not in ("affine", "weight"):
-            raise ValueError(f"UniBP mask_params must be 'affine' or 'weight', got {self.mask_params!r}")
-        if self.base not in ("backdoored", "rectified"):
-            raise ValueError(f"UniBP base must be 'backdoored' or 'rectified', got {self.base!r}")
-        if self.finetune_augment not in AUGMENTATIONS:
-            raise ValueError(f"UniBP finetune_augment must be one of {', '.join(AUGMENTATIONS)}, "
-                             f"got {self.finetune_augment!r}")
-        if self.rectify_params not in ("all", "norm"):
-            raise ValueError(f"UniBP rectify_params must be 'all' or 'norm', got {self.rectify_params!r}")
-        if not 0 <= self.ratio <= 1 or (self.k is not None and self.k < 0):
-            raise ValueError("UniBP needs 0 <= ratio <= 1 and k >= 0")
-        if self.rectify_epochs < 1 or (self.fisher_epochs is not None and
-                                       not 1 <= self.fisher_epochs <= self.rectify_epochs):
-            raise ValueError("UniBP needs rectify_epochs >= 1 and 1 <= fisher_epochs <= rectify_epochs (the Fisher is "
-                             "taken while rectifying)")
-        if min(self.noise_std, self.var_weight, self.weight_decay) < 0 or self.epochs < 0:
-            raise ValueError("UniBP needs noise_std, var_weight, weight_decay >= 0 and epochs >= 0")
-        if self.lr <= 0 or self.rectify_lr <= 0 or self.batch_size < 1:
-            raise ValueError("UniBP needs lr > 0, rectify_lr > 0 and batch_size >= 1")
+        validate(self, "UniBPConfig", UNIBP_RULES)
+        if self.fisher_epochs is not None and self.fisher_epochs > self.rectify_epochs:
+            raise ValueError(f"UniBPConfig.fisher_epochs must be <= rectify_epochs ({self.rectify_epochs}): the Fisher "
+                             f"is taken while rectifying, got {self.fisher_epochs}")
+
+
+UNIBP_RULES = {
+    "ratio": FRACTION,  # of |Θ_BN| or of all parameters
+    "ratio_of": choice("affine", "all"),
+    "k": integer(0, optional=True),
+    "mask_params": choice("affine", "weight"),
+    "base": choice("backdoored", "rectified"),
+    "noise_std": NONNEGATIVE,
+    "reset_weight": real(),  # γ0: any finite value
+    "reset_bias": real(),  # β0: any finite value
+    "var_weight": NONNEGATIVE,  # λ
+    "rectify_epochs": COUNT,  # the Fisher needs at least one pass
+    "fisher_epochs": integer(1, optional=True),  # and <= rectify_epochs (checked in __post_init__)
+    "rectify_lr": POSITIVE,
+    "rectify_params": choice("all", "norm"),
+    "epochs": EPOCHS,
+    "finetune_augment": choice(*AUGMENTATIONS),
+    "lr": POSITIVE,
+    "momentum": MOMENTUM,
+    "weight_decay": NONNEGATIVE,
+    "batch_size": COUNT,
+    "seed": SEED,
+}
 
 
 # --------------------------------------------------------------------------- statistics

@@ -43,7 +43,8 @@ from ..frozen import frozen_layers
 from ..monitor import PhaseRecorder
 from ..ops.channel_clip import ChannelClip
 from ..progress import progress_bar
-from .base import CleanData, DefenseResult, accuracy, config_dict, pyplot, register, save_figure
+from .base import (COUNT, EPOCHS, FRACTION, NONNEGATIVE, POSITIVE, SEED, CleanData, DefenseResult, accuracy, choice,
+                   config_dict, flag, pair, preset, pyplot, real, register, save_figure, validate)
 
 
 @dataclass
@@ -68,23 +69,34 @@ class UNITConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.step_unit not in ("epoch", "batch", "full"):
-            raise ValueError(f"UNIT step_unit must be 'epoch', 'batch' or 'full', got {self.step_unit!r}")
-        if self.granularity not in ("element", "channel"):
-            raise ValueError(f"UNIT granularity must be 'element' or 'channel', got {self.granularity!r}")
-        if self.penalty not in ("l1", "layer_mean"):
-            raise ValueError(f"UNIT penalty must be 'l1' or 'layer_mean', got {self.penalty!r}")
-        if self.schedule not in ("paper", "patience"):
-            raise ValueError(f"UNIT schedule must be 'paper' or 'patience', got {self.schedule!r}")
-        if self.steps < 0 or not 0 < self.val_fraction < 1 or self.epsilon < 0 or self.lr <= 0:
-            raise ValueError("UNIT needs steps >= 0, 0 < val_fraction < 1, epsilon >= 0 and lr > 0")
+        validate(self, "UNITConfig", UNIT_RULES)
 
-    @classmethod
+    @preset
     def official(cls, **overrides) -> "UNITConfig":
         """The settings of the authors' released code."""
         base = dict(steps=300, step_unit="full", epsilon=0.03, betas=(0.5, 0.9), penalty="layer_mean", schedule="patience",
                     clamp_nonnegative=True)
         return cls(**{**base, **overrides})
+
+
+UNIT_RULES = {
+    "steps": EPOCHS,  # 0: the bounds at their initial values
+    "lr": POSITIVE,
+    "betas": pair(real(0, below=1)),  # Adam's β1, β2
+    "alpha0": POSITIVE,  # α only ever doubles or halves: from 0 it would stay 0
+    "epsilon": FRACTION,  # an accuracy drop
+    "val_fraction": real(above=0, below=1),
+    "init_std": NONNEGATIVE,
+    "granularity": choice("element", "channel"),
+    "penalty": choice("l1", "layer_mean"),
+    "schedule": choice("paper", "patience"),
+    "patience": COUNT,
+    "clamp_nonnegative": flag,
+    "attention": flag,
+    "batch_size": COUNT,
+    "step_unit": choice("epoch", "batch", "full"),
+    "seed": SEED,
+}
 
 
 def _channel_dim(shape) -> int:
