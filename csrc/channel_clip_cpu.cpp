@@ -19,7 +19,7 @@
 #include <array>
 #include <type_traits>
 
-#include "channel_clip_state.h"
+#include "channel_clip.h"
 
 namespace pydefend {
 namespace {
@@ -108,20 +108,9 @@ void forward_block(const scalar_t* x, const scalar_t* upper, scalar_t* y, uint8_
   }
 }
 
-void check_flat_args(const at::Tensor& x, const at::Tensor& upper, int64_t inner) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "channel_clip: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(upper.scalar_type() == x.scalar_type(), "channel_clip: upper has dtype ", upper.scalar_type(),
-              " but x has ", x.scalar_type());
-  TORCH_CHECK(upper.device() == x.device(), "channel_clip: x is on ", x.device(), " but upper is on ", upper.device());
-  TORCH_CHECK(upper.numel() >= 1, "channel_clip: upper is empty");
-  TORCH_CHECK(inner >= 1, "channel_clip: inner must be >= 1, got ", inner);
-  TORCH_CHECK(x.numel() % (inner * upper.numel()) == 0, "channel_clip: x has ", x.numel(),
-              " elements, not a multiple of inner * upper.numel() = ", inner * upper.numel());
-}
-
 std::tuple<at::Tensor, at::Tensor> channel_clip_fwd_cpu(const at::Tensor& x_in, const at::Tensor& upper_in,
                                                         int64_t inner, bool relu) {
-  check_flat_args(x_in, upper_in, inner);
+  check_channel_clip_args(x_in, upper_in, inner);
   const at::Tensor x = x_in.contiguous(), upper = upper_in.contiguous();
   const int64_t numel = x.numel(), period = upper.numel();
   at::Tensor y = at::empty_like(x);
@@ -159,11 +148,10 @@ acc_t backward_row(const scalar_t* grad, const uint8_t* mask, scalar_t* grad_x, 
 
 std::tuple<at::Tensor, at::Tensor> channel_clip_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                                         const at::Tensor& upper, int64_t inner, bool relu) {
-  check_flat_args(grad_in, upper, inner);
+  check_channel_clip_args(grad_in, upper, inner);
+  check_channel_clip_mask(mask_in, grad_in, relu);
   const at::Tensor grad = grad_in.contiguous(), mask = mask_in.contiguous();
   const int64_t numel = grad.numel(), period = upper.numel(), outer = numel / (inner * period);
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() == channel_clip_mask_bytes(numel, relu),
-              "channel_clip: mask does not match the gradient (", mask.numel(), " bytes for ", numel, " elements)");
   at::Tensor grad_x = at::empty_like(grad);
   at::Tensor grad_upper = at::empty(upper.sizes(), upper.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "channel_clip_bwd_cpu", [&] {

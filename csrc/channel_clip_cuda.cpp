@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "channel_clip_state.h"
+#include "channel_clip.h"
 #include "cuda/channel_clip.cuh"
 
 namespace pydefend {
@@ -20,22 +20,13 @@ cuda::DType launcher_dtype(at::ScalarType t) {
   }
 }
 
-void check_flat_args(const at::Tensor& x, const at::Tensor& upper, int64_t inner) {
-  TORCH_CHECK(upper.scalar_type() == x.scalar_type(), "channel_clip: upper has dtype ", upper.scalar_type(),
-              " but x has ", x.scalar_type());
-  TORCH_CHECK(upper.device() == x.device(), "channel_clip: x is on ", x.device(), " but upper is on ", upper.device());
-  TORCH_CHECK(upper.numel() >= 1 && inner >= 1 && x.numel() % (inner * upper.numel()) == 0,
-              "channel_clip: x has ", x.numel(), " elements, not a multiple of inner * upper.numel() = ",
-              inner * upper.numel());
-}
-
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "channel_clip: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_clip_fwd_cuda(const at::Tensor& x_in, const at::Tensor& upper_in,
                                                          int64_t inner, bool relu) {
-  check_flat_args(x_in, upper_in, inner);
+  check_channel_clip_args(x_in, upper_in, inner);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), upper = upper_in.contiguous();
   at::Tensor y = at::empty_like(x);
@@ -51,12 +42,11 @@ std::tuple<at::Tensor, at::Tensor> channel_clip_fwd_cuda(const at::Tensor& x_in,
 
 std::tuple<at::Tensor, at::Tensor> channel_clip_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                                          const at::Tensor& upper, int64_t inner, bool relu) {
-  check_flat_args(grad_in, upper, inner);
+  check_channel_clip_args(grad_in, upper, inner);
+  check_channel_clip_mask(mask_in, grad_in, relu);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous(), mask = mask_in.contiguous();
   const int64_t numel = grad.numel(), period = upper.numel(), outer = numel / (inner * period);
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() == channel_clip_mask_bytes(numel, relu),
-              "channel_clip: mask does not match the gradient (", mask.numel(), " bytes for ", numel, " elements)");
   at::Tensor grad_x = at::empty_like(grad);
   at::Tensor grad_upper = at::zeros(upper.sizes(), upper.options());
   if (numel > 0) {

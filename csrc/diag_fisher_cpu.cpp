@@ -30,6 +30,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "diag_fisher.h"
+
 namespace pydefend {
 namespace {
 
@@ -115,24 +117,12 @@ void norm_task(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const a
 
 std::tuple<at::Tensor, at::Tensor> diag_fisher_norm_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                         const at::Tensor& mean_in, const at::Tensor& invstd_in) {
-  TORCH_CHECK(grad_in.dim() == 4 && x_in.sizes() == grad_in.sizes(),
-              "diag_fisher_norm: grad_out and input must both be (N, A, P, B), got ", grad_in.sizes(), " and ",
-              x_in.sizes());
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()) && grad_in.scalar_type() == x_in.scalar_type(),
-              "diag_fisher_norm: grad_out and input must share a floating dtype, got ", grad_in.scalar_type(),
-              " and ", x_in.scalar_type());
+  check_diag_fisher_norm_args(grad_in, x_in, mean_in, invstd_in);
   const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(mean_in.scalar_type() == acc && invstd_in.scalar_type() == acc,
-              "diag_fisher_norm: mean and invstd must be ", acc, " for ", x_in.scalar_type(), " inputs");
-  TORCH_CHECK(mean_in.dim() == 3 && mean_in.sizes() == invstd_in.sizes(),
-              "diag_fisher_norm: mean and invstd must both be (SN, SA, SP), got ", mean_in.sizes(), " and ",
-              invstd_in.sizes());
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   NormShape s{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, 1};
   const int64_t SN = mean.size(0), SA = mean.size(1), SP = mean.size(2);
-  TORCH_CHECK((SN == 1 || SN == s.n) && (SA == 1 || SA == s.a) && SP >= 1 && s.p % SP == 0,
-              "diag_fisher_norm: stats of shape ", mean.sizes(), " do not fit input (N, A, P, B) = ", x.sizes());
   s.sn = SN > 1 ? SA * SP : 0;
   s.sa = SA > 1 ? SP : 0;
   s.group = s.p / SP;
@@ -219,6 +209,16 @@ struct Micro {
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Output positions of a convolution along one dim (0 when the dilated kernel is wider than the padded input),
+// or -1 when the padded input or the kernel's reach does not fit int64.
+int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  int64_t padded = 0, reach = 0;
+  if (!mul_fits(2, pad, &padded) || __builtin_add_overflow(in, padded, &padded) ||
+      !mul_fits(dilation, kernel - 1, &reach))
+    return -1;
+  return padded > reach ? (padded - reach - 1) / stride + 1 : 0;
+}
 
 // First and one-past-last output position o with 0 <= o * stride + offset < size, clipped to [0, out).
 std::pair<int64_t, int64_t> valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out) {
@@ -406,14 +406,20 @@ std::tuple<at::Tensor, at::Tensor> diag_fisher_conv2d_cpu(const at::Tensor& grad
               ", ", stride, ", ", padding, ", ", dilation);
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && grad.size(1) % groups == 0, "diag_fisher_conv2d: ", groups,
               " groups do not divide ", x.size(1), " input and ", grad.size(1), " output channels");
+  int64_t taps = 0, patch = 0;
+  TORCH_CHECK(mul_fits(kernel_size[0], kernel_size[1], &taps) && mul_fits(x.size(1) / groups, taps, &patch),
+              "diag_fisher_conv2d: a ", kernel_size, " kernel over ", x.size(1) / groups,
+              " channels per group has more weights than int64 counts");
   ConvGeom s{x.size(0), x.size(1), x.size(2), x.size(3), grad.size(1), grad.size(2), grad.size(3),
              kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
              groups, {}, {}};
   for (int d = 0; d < 2; ++d) {
-    const int64_t in = x.size(2 + d), want = (in + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
-    TORCH_CHECK(grad.size(2 + d) == std::max<int64_t>(want, 0), "diag_fisher_conv2d: grad_out is ",
-                grad.sizes().slice(2), " spatially but this convolution of a ", x.sizes().slice(2), " input gives ",
-                want, " along dim ", 2 + d);
+    const int64_t want = conv_out_size(x.size(2 + d), kernel_size[d], stride[d], padding[d], dilation[d]);
+    TORCH_CHECK(want >= 0, "diag_fisher_conv2d: padding ", padding[d], " or dilation ", dilation[d], " x kernel ",
+                kernel_size[d], " along dim ", 2 + d, " does not fit int64");
+    TORCH_CHECK(grad.size(2 + d) == want, "diag_fisher_conv2d: grad_out is ", grad.sizes().slice(2),
+                " spatially but this convolution of a ", x.sizes().slice(2), " input gives ", want, " along dim ",
+                2 + d);
   }
   auto [fw, fb] = conv_fisher("diag_fisher_conv2d", grad, x, s);
   return {fw.view({s.o, s.c / groups, s.kh, s.kw}), fb};

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cuda/diag_fisher.cuh"
+#include "diag_fisher.h"
 
 namespace pydefend {
 namespace {
@@ -23,22 +24,13 @@ df::DType launcher_dtype(at::ScalarType t) {
 
 std::tuple<at::Tensor, at::Tensor> diag_fisher_norm_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                          const at::Tensor& mean_in, const at::Tensor& invstd_in) {
-  TORCH_CHECK(grad_in.dim() == 4 && x_in.sizes() == grad_in.sizes(),
-              "diag_fisher_norm: grad_out and input must both be (N, A, P, B), got ", grad_in.sizes(), " and ",
-              x_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "diag_fisher_norm: grad_out has dtype ",
-              grad_in.scalar_type(), " but input has ", x_in.scalar_type());
+  check_diag_fisher_norm_args(grad_in, x_in, mean_in, invstd_in);
   const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(mean_in.scalar_type() == acc && invstd_in.scalar_type() == acc && mean_in.dim() == 3 &&
-                  mean_in.sizes() == invstd_in.sizes(),
-              "diag_fisher_norm: mean and invstd must be (SN, SA, SP) tensors of dtype ", acc);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   df::NormShape s{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, 1};
   const int64_t SN = mean.size(0), SA = mean.size(1), SP = mean.size(2);
-  TORCH_CHECK((SN == 1 || SN == s.n) && (SA == 1 || SA == s.a) && SP >= 1 && s.p % SP == 0,
-              "diag_fisher_norm: stats of shape ", mean.sizes(), " do not fit input (N, A, P, B) = ", x.sizes());
   s.sn = SN > 1 ? SA * SP : 0;
   s.sa = SA > 1 ? SP : 0;
   s.group = s.p / SP;

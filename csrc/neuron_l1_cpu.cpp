@@ -23,6 +23,8 @@
 
 #include <vector>
 
+#include "neuron_l1.h"
+
 namespace pydefend {
 namespace {
 
@@ -101,25 +103,8 @@ Plan make_plan(const std::vector<int64_t>& rows, const std::vector<int64_t>& col
 
 int64_t rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
 
-void check_pairs(at::TensorList a, at::TensorList b) {
-  TORCH_CHECK(a.size() == b.size(), "neuron_l1_change: got ", a.size(), " tensors in params_a but ", b.size(),
-              " in params_b");
-  for (size_t j = 0; j < a.size(); ++j) {
-    TORCH_CHECK(a[j].sizes() == b[j].sizes(), "neuron_l1_change: pair ", j, " has shapes ", a[j].sizes(), " and ",
-                b[j].sizes());
-    TORCH_CHECK(a[j].scalar_type() == b[j].scalar_type(), "neuron_l1_change: pair ", j, " has dtypes ",
-                a[j].scalar_type(), " and ", b[j].scalar_type());
-    const auto st = a[j].scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                "neuron_l1_change: pair ", j, " has dtype ", st, "; supported: float32, float64, float16, bfloat16");
-    TORCH_CHECK(a[j].device() == a[0].device() && b[j].device() == a[0].device(), "neuron_l1_change: pair ", j,
-                " is on devices ", a[j].device(), " and ", b[j].device(), " but pair 0 is on ", a[0].device(),
-                " (all tensors must be on one device)");
-  }
-}
-
 std::vector<at::Tensor> neuron_l1_change_cpu(at::TensorList a_in, at::TensorList b_in) {
-  check_pairs(a_in, b_in);
+  check_neuron_l1_pairs(a_in, b_in);
   const size_t n = a_in.size();
   std::vector<at::Tensor> a(n), b(n), out(n);
   std::vector<int64_t> rows(n), cols(n);

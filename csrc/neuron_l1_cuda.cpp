@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/neuron_l1.cuh"
+#include "neuron_l1.h"
 
 namespace pydefend {
 namespace {
@@ -28,21 +29,13 @@ cuda::L1DType launcher_dtype(at::ScalarType t, size_t j) {
 }
 
 std::vector<at::Tensor> neuron_l1_change_cuda(at::TensorList a_in, at::TensorList b_in) {
-  TORCH_CHECK(a_in.size() == b_in.size(), "neuron_l1_change: got ", a_in.size(), " tensors in params_a but ",
-              b_in.size(), " in params_b");
+  check_neuron_l1_pairs(a_in, b_in);
   const size_t n = a_in.size();
   if (n == 0) return {};
   const c10::cuda::CUDAGuard guard(a_in[0].device());
   std::vector<at::Tensor> a(n), b(n), out(n);
   std::vector<cuda::NeuronL1Entry> entries(n);
   for (size_t j = 0; j < n; ++j) {
-    TORCH_CHECK(a_in[j].sizes() == b_in[j].sizes(), "neuron_l1_change: pair ", j, " has shapes ", a_in[j].sizes(),
-                " and ", b_in[j].sizes());
-    TORCH_CHECK(a_in[j].scalar_type() == b_in[j].scalar_type(), "neuron_l1_change: pair ", j, " has dtypes ",
-                a_in[j].scalar_type(), " and ", b_in[j].scalar_type());
-    TORCH_CHECK(a_in[j].device() == a_in[0].device() && b_in[j].device() == a_in[0].device(),
-                "neuron_l1_change: pair ", j, " is on devices ", a_in[j].device(), " and ", b_in[j].device(),
-                " but pair 0 is on ", a_in[0].device(), " (all tensors must be on one device)");
     a[j] = a_in[j].contiguous();
     b[j] = b_in[j].contiguous();
     const int64_t rows = a[j].dim() == 0 ? 1 : a[j].size(0);

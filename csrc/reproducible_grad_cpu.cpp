@@ -43,6 +43,12 @@ void for_each_chunk_single_threaded(int64_t chunks, const F& f) {
   if (error) std::rethrow_exception(error);
 }
 
+// Chunks of `chunk` rows covering n rows (one, empty, when n == 0), without forming n + chunk - 1.
+int64_t chunk_count(int64_t n, int64_t chunk, const char* op) {
+  TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1, got ", chunk);
+  return n == 0 ? 1 : (n - 1) / chunk + 1;
+}
+
 std::tuple<at::Tensor, at::Tensor> sum_in_order(std::vector<at::Tensor>& weights, std::vector<at::Tensor>& biases,
                                                bool bias) {
   at::Tensor weight = weights[0];
@@ -62,8 +68,12 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad
                                                          int64_t groups, bool bias, int64_t chunk) {
   TORCH_CHECK(input.dim() == 4 && grad_out.dim() == 4 && weight.dim() == 4,
               "conv2d_weight_grad: expects 4-D input, grad_out and weight");
-  TORCH_CHECK(input.size(0) == grad_out.size(0) && chunk > 0, "conv2d_weight_grad: batch sizes differ");
-  const int64_t n = input.size(0), chunks = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+  TORCH_CHECK(input.size(0) == grad_out.size(0), "conv2d_weight_grad: input has ", input.size(0),
+              " samples but grad_out has ", grad_out.size(0));
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "conv2d_weight_grad: stride, padding and dilation must have two entries each, got ", stride, ", ",
+              padding, " and ", dilation);
+  const int64_t n = input.size(0), chunks = chunk_count(n, chunk, "conv2d_weight_grad");
   std::vector<at::Tensor> weights(chunks), biases(chunks);
   for_each_chunk_single_threaded(chunks, [&](int64_t c) {
     const int64_t start = c * chunk, length = std::min(chunk, n - start);
@@ -79,9 +89,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad
 // grad_out (R, out), input (R, in): (grad_outᵀ·input, Σ_rows grad_out or undefined).
 std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                                                          bool bias, int64_t chunk) {
-  TORCH_CHECK(input.dim() == 2 && grad_out.dim() == 2 && input.size(0) == grad_out.size(0) && chunk > 0,
-              "linear_weight_grad: expects grad_out (R, out) and input (R, in)");
-  const int64_t rows = input.size(0), chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
+  TORCH_CHECK(input.dim() == 2 && grad_out.dim() == 2 && input.size(0) == grad_out.size(0),
+              "linear_weight_grad: expects grad_out (R, out) and input (R, in), got ", grad_out.sizes(), " and ",
+              input.sizes());
+  const int64_t rows = input.size(0), chunks = chunk_count(rows, chunk, "linear_weight_grad");
   std::vector<at::Tensor> weights(chunks), biases(chunks);
   for_each_chunk_single_threaded(chunks, [&](int64_t c) {
     const int64_t start = c * chunk, length = std::min(chunk, rows - start);

@@ -156,26 +156,23 @@ void forward_kernel(const scalar_t* zp, const at::opmath_type<scalar_t>* lowp, c
   });
 }
 
-void check_bins(const at::Tensor& nb, int64_t max_bins) {
-  const int64_t* p = nb.const_data_ptr<int64_t>();
-  for (int64_t c = 0; c < nb.numel(); ++c)
-    TORCH_CHECK(p[c] >= 1 && p[c] <= max_bins, "soft_histogram: num_bins[", c, "] = ", p[c],
-                " is outside [1, max_bins = ", max_bins, "]");
-}
-
 at::Tensor soft_histogram_fwd_cpu(const at::Tensor& z_in, const at::Tensor& low_in, const at::Tensor& nb_in,
                                   int64_t inner, int64_t max_bins, double width, double tau, int64_t window,
                                   double reach) {
-  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, max_bins, width, tau, window, reach);
+  check_soft_histogram_values(low_in, nb_in, max_bins, width);
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const int64_t C = low.numel(), numel = z.numel(), per_channel = numel / C;
-  check_bins(nb, max_bins);
   at::Tensor hist = at::zeros({C, max_bins}, low.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "soft_histogram_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kSlots = FixedPoint<acc_t>::kSlots;
     const int64_t threads = at::get_num_threads();
-    std::vector<int64_t> counts(threads * C * max_bins * kSlots, 0);
+    int64_t per_thread = 0, entries = 0;  // one set of counters per thread
+    TORCH_CHECK(mul_fits(C, max_bins * kSlots, &per_thread) && mul_fits(threads, per_thread, &entries),
+                "soft_histogram: ", threads, " threads x ", C, " channels x ", max_bins,
+                " bins of counters do not fit int64");
+    std::vector<int64_t> counts(entries, 0);
     std::vector<uint8_t> nan_flags(threads * C, 0);
     const int64_t* nbp = nb.const_data_ptr<int64_t>();
     forward_kernel<scalar_t>(z.const_data_ptr<scalar_t>(), low.const_data_ptr<acc_t>(), nbp, numel, inner, C,
@@ -213,14 +210,13 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_bwd_cpu(const at::Tensor& grad
                                                           const at::Tensor& low_in, const at::Tensor& nb_in,
                                                           int64_t inner, double width, double tau, int64_t window,
                                                           double reach) {
-  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
+  check_soft_histogram_grad(grad_in, z_in, low_in);
+  const int64_t max_bins = grad_in.size(1);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, max_bins, width, tau, window, reach);
+  check_soft_histogram_values(low_in, nb_in, max_bins, width);
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const int64_t C = low.numel(), numel = z.numel(), per_channel = numel / C, outer = per_channel / inner;
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == C && grad.scalar_type() == low.scalar_type(),
-              "soft_histogram: the histogram gradient must be (C, max_bins) in ", low.scalar_type());
-  const int64_t max_bins = grad.size(1);
-  check_bins(nb, max_bins);
   at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_low = at::empty_like(low);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "soft_histogram_bwd_cpu", [&] {

@@ -26,13 +26,12 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "soft_histogram: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// num_bins must lie in [1, max_bins] (the Python side builds it from checked ints).
 at::Tensor soft_histogram_fwd_cuda(const at::Tensor& z_in, const at::Tensor& low_in, const at::Tensor& nb_in,
                                    int64_t inner, int64_t max_bins, double width, double tau, int64_t window,
                                    double reach) {
-  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
-  TORCH_CHECK(max_bins >= 1, "soft_histogram: max_bins must be >= 1");
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, max_bins, width, tau, window, reach);
   const c10::cuda::CUDAGuard guard(z_in.device());
+  check_soft_histogram_values(low_in, nb_in, max_bins, width);
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const int64_t C = low.numel();
   const int64_t slots = z.scalar_type() == at::kDouble ? 2 : 1;
@@ -50,14 +49,13 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_bwd_cuda(const at::Tensor& gra
                                                            const at::Tensor& low_in, const at::Tensor& nb_in,
                                                            int64_t inner, double width, double tau, int64_t window,
                                                            double reach) {
-  check_soft_histogram_args(z_in, low_in, nb_in, inner, window);
+  check_soft_histogram_grad(grad_in, z_in, low_in);
+  check_soft_histogram_args(z_in, low_in, nb_in, inner, grad_in.size(1), width, tau, window, reach);
   const c10::cuda::CUDAGuard guard(z_in.device());
+  check_soft_histogram_values(low_in, nb_in, grad_in.size(1), width);
   const at::Tensor z = z_in.contiguous(), low = low_in.contiguous(), nb = nb_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const int64_t C = low.numel(), outer = z.numel() / (C * inner);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == C && grad.scalar_type() == low.scalar_type() &&
-                  grad.device() == z.device(),
-              "soft_histogram: the histogram gradient must be (C, max_bins) in ", low.scalar_type());
   at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_low = at::empty_like(low);
   at::Tensor partial = at::empty({sh::backward_slabs(outer, C, inner), C}, low.options());

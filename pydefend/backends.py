@@ -114,6 +114,16 @@ def select(op: str, backends: dict, device: torch.device, *args) -> Backend:
     return backends["reference"]
 
 
+def refuse_double_backward(op: str, name: str):
+    """Gives backward op `op` an autograd that raises: without one, torch differentiates through it as if it
+    were constant (zero second-order gradients, only a warning)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name} is not twice differentiable: the gradient of its gradient (a backward "
+                           f"through a create_graph=True gradient) is not implemented")
+
+    torch.library.register_autograd(op, backward)
+
+
 def available(backends: dict, device: torch.device, *args) -> list[str]:
     """Names of the backends that can run this input (for tests and benchmarks)."""
     return [name for name, b in backends.items() if b.reason(device, *args) is None]

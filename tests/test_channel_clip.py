@@ -196,10 +196,43 @@ def test_upper_is_cast_to_input_dtype():
 
 # --------------------------------------------------------------------------- bad input
 def test_shape_mismatch():
-    with pytest.raises(ValueError, match="expected \\(4,\\) for one bound per channel"):
+    with pytest.raises(ValueError, match=r"must be \(4,\) for channel_dim=1 of x \(2, 4, 3\), or pass channel_dim=2"):
         channel_clip(torch.randn(2, 4, 3), torch.rand(3))
+    with pytest.raises(ValueError, match=r"expected \(4,\) for one bound per channel .* or \(4, 3\) for one bound "
+                                         r"per element"):
+        channel_clip(torch.randn(2, 4, 3), torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"expected \(4,\) for one bound per channel \(dim 1 of x \(2, 4\)\)$"):
+        channel_clip(torch.randn(2, 4), torch.rand(1, 4))  # a 2-D x has no per-element form beyond per channel
     with pytest.raises(ValueError, match="out of range"):
         channel_clip(torch.randn(2, 4), torch.rand(4), channel_dim=3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_dim_upper_is_always_per_channel(backend):
+    """A (F,) bound of a (B, F) input with channel_dim=0 used to clip columns when B != F and rows when B == F."""
+    with use_backend(backend):
+        with pytest.raises(ValueError, match=r"a 1-D upper holds one bound per channel and must be \(3,\) for "
+                                             r"channel_dim=0 of x \(3, 5\), or pass channel_dim=1 \(the dim of size 5\)"):
+            channel_clip(torch.randn(3, 5), torch.rand(5), channel_dim=0)
+        x, upper = torch.randn(4, 4) * 2, torch.rand(4)
+        rows = channel_clip(x, upper, channel_dim=0)
+        columns = channel_clip(x, upper, channel_dim=1)
+    assert torch.equal(rows, torch.minimum(x, upper[:, None]))
+    assert torch.equal(columns, torch.minimum(x, upper[None, :]))
+    assert torch.equal(channel_clip_reference(x, upper, 0), rows)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_double_backward_is_refused(relu):
+    """The second-order gradient used to be all zeros with only a warning (the backward op had no autograd)."""
+    x, upper, cd = make_inputs((3, 4, 5), 1, False, torch.float64)
+    x, upper = x.requires_grad_(), upper.requires_grad_()
+    w = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)  # grad_out depends on w: d(grad_x)/dw != 0
+    gx, gu = torch.autograd.grad((channel_clip(x, upper, cd, relu) * w).sum(), (x, upper), create_graph=True)
+    fx, fu = torch.autograd.grad((channel_clip(x, upper, cd, relu) * w).sum(), (x, upper))
+    assert torch.equal(gx, fx) and torch.equal(gu, fu), "create_graph=True leaves first order unchanged"
+    with pytest.raises(RuntimeError, match="pydefend.channel_clip is not twice differentiable"):
+        torch.autograd.grad(gx.square().sum() + gu.sum(), (x, upper, w))
 
 
 def test_integer_dtype():

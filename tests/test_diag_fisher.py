@@ -637,6 +637,84 @@ def test_forward_without_grad_path_and_batch_mismatch():
         model(torch.randn(4, 4))
 
 
+def test_second_gradient_through_one_forward_is_refused():
+    """A second backward, or an autograd.grad besides the backward, used to add the Fisher twice."""
+    torch.manual_seed(0)
+    model, shape = make_model("cnn_bn")
+    model = randomise(model.double()).eval()
+    x, t = torch.randn(4, *shape, dtype=torch.float64), torch.randint(0, 3, (4,))
+    once = fisher_of(model, x, t)
+    fisher = DiagFisher(model)
+    with fisher.accumulate():
+        loss = F.cross_entropy(model(x), t, reduction="sum")
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="a second gradient reached .* from one forward pass"):
+            loss.backward()
+    assert fisher.samples == 4
+    for name, value in fisher.result().items():  # the refused pass added nothing
+        assert_fisher_close(value, once[name], 1e-12)
+    fisher = DiagFisher(model)
+    with fisher.accumulate():
+        xg = x.clone().requires_grad_()
+        loss = F.cross_entropy(model(xg), t, reduction="sum")
+        torch.autograd.grad(loss, xg, retain_graph=True)  # e.g. an input gradient for an adversarial step
+        with pytest.raises(RuntimeError, match="a second gradient reached"):
+            loss.backward()
+    # two forwards, each backpropagated once, are two batches
+    fisher = DiagFisher(model)
+    with fisher.accumulate():
+        for _ in range(2):
+            fisher.backward(F.cross_entropy(model(x), t, reduction="none"))
+    for name, value in fisher.result().items():
+        assert_fisher_close(value, once[name], 1e-12)
+
+
+def test_conv_with_impossible_geometry_is_refused():
+    """stride=0 used to end in a ZeroDivisionError in the op's shape check (torch's forward refuses it too)."""
+    with pytest.raises(ValueError, match=r"DiagFisher: Conv2d '1': stride must be two ints >= 1, got \(0, 1\)"):
+        DiagFisher(nn.Sequential(nn.Linear(2, 2), nn.Conv2d(3, 4, 3, stride=(0, 1))))
+    with pytest.raises(ValueError, match=r"Conv2d 'Conv2d': dilation must be two ints >= 1, got \(1, 0\)"):
+        DiagFisher(nn.Conv2d(3, 4, 3, dilation=(1, 0)))
+    dy, x = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 6, 6)
+    for kwargs, name in [(dict(stride=0), "stride"), (dict(padding=-1), "padding"), (dict(dilation=0), "dilation")]:
+        least = 0 if name == "padding" else 1
+        with pytest.raises(ValueError, match=f"diag_fisher_conv2d: {name} must be two ints >= {least}"):
+            diag_fisher_conv2d(dy, x, 3, **kwargs)
+    with pytest.raises(ValueError, match="kernel_size must be two ints >= 1"):
+        diag_fisher_conv2d(dy, x, 0)
+    DiagFisher(nn.Conv2d(3, 4, 3, padding="same"))  # string padding is the module's own business
+
+
+def test_batchnorm_memory_layouts_agree_to_rounding():
+    """What the README claims: bit-identical across thread counts in each layout, NCHW vs channels-last to rounding."""
+    bn = nn.BatchNorm2d(16).train()
+    x, dy = torch.randn(32, 16, 9, 9) * 2 + 1, torch.randn(32, 16, 9, 9)
+
+    def fisher(layout):
+        xs, dys = (x, dy) if layout == "nchw" else (x.to(memory_format=torch.channels_last),
+                                                    dy.to(memory_format=torch.channels_last))
+        view, (mean, invstd) = df._norm_views(bn, xs, True)
+        with use_backend("cpp"):
+            return diag_fisher_norm(view(dys), view(xs), mean, invstd)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results[n] = {layout: fisher(layout) for layout in ("nchw", "channels_last")}
+    finally:
+        torch.set_num_threads(threads)
+    for layout in ("nchw", "channels_last"):
+        assert all(torch.equal(a, b) for a, b in zip(results[1][layout], results[3][layout]))
+    oracle = norm_oracle(dy.double().reshape(32, 1, 16, 81), x.double().reshape(32, 1, 16, 81),
+                         *[s.double() for s in df._norm_views(bn, x.double(), True)[1]])
+    for layout in ("nchw", "channels_last"):
+        for got, want in zip(results[1][layout], oracle):
+            assert_fisher_close(got, want, 1e-5)
+    for a, b in zip(results[1]["channels_last"], results[1]["nchw"]):
+        assert_fisher_close(a, b, 1e-5)
+
+
 def test_layer_that_never_runs_warns():
     model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
     fisher = DiagFisher(model)

@@ -296,6 +296,64 @@ def test_matches_brute_force(mode, quantised):
     assert sum(r.zeroed for r in records) == sum(int(v.sum()) for v in expected.values())
 
 
+def zeroed_by(before: dict, after: dict) -> int:
+    return sum(int(((after[k] == 0) & (before[k] != 0)).sum()) for k in before)
+
+
+@pytest.mark.parametrize("mode", ["global", "per_neuron"])
+def test_ties_records_match_the_zeroing_exactly(mode):
+    """Every |ΔW| equal, over layers of several row blocks: exactly round(m·count) sub-weights are zeroed, in
+    (layer, neuron, index) order, and the records count exactly those."""
+    shapes = {"a": (3, 5), "b": (600, 1000), "c": (7, 16)}  # "b" spans three blocks of 2^18 elements
+    bd = {k: torch.full(v, 2.0) for k, v in shapes.items()}
+    ul = {k: v - 0.5 for k, v in bd.items()}
+    work = {k: v.clone() for k, v in bd.items()}
+    records = select_and_zero(work, ul, n=1.0, m=0.37, mode=mode)
+    total = sum(v.numel() for v in bd.values())
+    expected = nl1._count(0.37, total) if mode == "global" else sum(
+        bd[k].shape[0] * nl1._count(0.37, bd[k].shape[1]) for k in bd)
+    assert sum(r.zeroed for r in records) == zeroed_by(bd, work) == expected
+    for r in records:
+        assert int((work[r.layer][r.neuron] == 0).sum()) == r.zeroed
+    if mode == "global":  # ties taken in (layer, neuron, index) order: a prefix of the flattened weights
+        flat = torch.cat([work[k].reshape(-1) for k in shapes])
+        assert flat[:expected].eq(0).all() and flat[expected:].eq(2).all()
+
+
+@pytest.mark.parametrize("mode", ["global", "per_neuron"])
+def test_layer_without_neurons_among_others(mode):
+    """A 0-row layer used to raise IndexError (its weight[0] does not exist)."""
+    bd = {"empty": torch.ones(0, 4), "a": torch.arange(1.0, 13.0).view(3, 4), "b": torch.ones(2, 3)}
+    ul = {k: torch.zeros_like(v) for k, v in bd.items()}
+    work = {k: v.clone() for k, v in bd.items()}
+    records = select_and_zero(work, ul, n=1.0, m=0.5, mode=mode)
+    assert [(r.layer, r.neuron) for r in records] == [("a", 2), ("a", 1), ("a", 0), ("b", 0), ("b", 1)]
+    assert sum(r.zeroed for r in records) == zeroed_by(bd, work) == (9 if mode == "global" else 10)
+    assert work["empty"].shape == (0, 4)
+
+
+def test_tied_weights_are_refused():
+    """Weights shared by two layers were zeroed through both names and counted twice (16 claimed, 8 zeroed)."""
+    w, u = torch.randint(1, 5, (2, 8)).float(), torch.zeros(2, 8)
+    for mode in ("global", "per_neuron"):
+        with pytest.raises(ValueError, match=r"layers 'a' and 'b' share weight memory \(tied weights\)"):
+            select_and_zero({"a": w, "b": w}, {"a": u, "b": u.clone()}, n=0.5, m=1.0, mode=mode)
+    with pytest.raises(ValueError, match="share weight memory"):  # overlapping views of one buffer
+        select_and_zero({"a": w[:, :5], "b": w[:, 4:]}, {"a": u[:, :5], "b": u[:, 4:]})
+    with pytest.raises(ValueError, match="share weight memory"):  # a's unlearned weights are b's backdoored ones
+        select_and_zero({"a": w, "b": u}, {"a": u, "b": w})
+    net1, net2 = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)), nn.Sequential(nn.Conv2d(2, 2, 1),
+                                                                                     nn.Conv2d(2, 2, 1))
+    net1[1].weight = net1[0].weight
+    with pytest.raises(ValueError, match="layers '0' and '1' share weight memory"):
+        select_and_zero(net1, net2)
+    # disjoint parts of one buffer (a flat parameter store), and a model compared with itself, are fine
+    select_and_zero({"a": w[:1], "b": w[1:]}, {"a": u[:1], "b": u[1:]}, n=1.0, m=0.5)
+    same = make_net(0)
+    records = select_and_zero(same, same, n=0.5, m=0.5)
+    assert len(records) == 10
+
+
 def test_selection_bad_input():
     bd, ul = two_layer_dicts()
     with pytest.raises(ValueError, match="did you mean 0.15"):

@@ -259,6 +259,93 @@ def test_bin_layout():
         bin_layout(clean, 0.0)
 
 
+def test_bin_layout_bounds_channels_times_bins_before_allocating():
+    """One outlier in one channel sets every channel's row length: 64 values used to allocate 863 MiB."""
+    clean = torch.zeros(64, 5)
+    clean[0, 3] = 1.6e6  # 1.6e7 bins of 0.1 (under 2^24) in channel 3, so 5 x 1.6e7 = 8e7 entries > 2^26
+    with pytest.raises(ValueError, match=r"bin_layout: channel 3 needs 1600000\d bins \(its values span 0 to "
+                                         r"1\.6e\+06\), so the histogram of 5 channels would have 5 x 1600000\d "
+                                         r"entries \(> 2\^26\)"):
+        bin_layout(clean, 0.1)
+    edge = torch.zeros(2, 4)
+    edge[1, 2] = 2.0**24  # 4 x 2^24 = 2^26 entries: at the bound, not above it
+    layout = bin_layout(edge, 1.0)
+    assert layout.num_bins == [1, 1, 2**24, 1] and len(layout.num_bins) * max(layout.num_bins) == 2**26
+    with pytest.raises(ValueError, match=r"channel 2 needs 33554432 bins \(> 2\^24\)"):
+        bin_layout(edge, 0.5)
+
+
+def test_op_bounds_channels_times_bins():
+    with pytest.raises(ValueError, match=r"num_bins gives channel 1 16777216 bins, so the histogram would have 5 x "
+                                         r"16777216 entries \(> 2\^26\)"):
+        soft_histogram(torch.randn(4, 5), torch.zeros(5), 0.1, [3, 2**24, 1, 1, 1])
+
+
+@pytest.mark.parametrize("num_bins", [7, [7], [7, 7, 7], (7, 3, 5), range(5, 8), torch.tensor([7, 3, 5]),
+                                      torch.tensor(7), torch.tensor([4, 5, 6], dtype=torch.int32)])
+def test_num_bins_forms(num_bins):
+    z, low = torch.randn(20, 3), torch.full((3,), -2.0)
+    expected = soft_histogram_reference(z.double(), low.double(), 0.1, num_bins, 150.0)
+    h = soft_histogram(z, low, 0.1, num_bins)
+    torch.testing.assert_close(h.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_bins,shown", [(5.0, "float 5.0"), ([5, 2.5, 3], r"list \[5, 2.5, 3\]"),
+                                            (torch.tensor([5.0]), "a torch.float32 tensor"), ("5", "str '5'"),
+                                            (None, "NoneType None"), (True, "bool True"),
+                                            (torch.tensor([True]), "a torch.bool tensor")])
+def test_num_bins_that_are_not_ints(num_bins, shown):
+    z, low = torch.randn(20, 3), torch.full((3,), -2.0)
+    match = f"num_bins must be an int, a sequence of ints or an integer tensor, got {shown}"
+    with pytest.raises(TypeError, match=match):
+        soft_histogram(z, low, 0.1, num_bins)
+    with pytest.raises(TypeError, match=match):
+        soft_histogram_reference(z, low, 0.1, num_bins)
+
+
+def test_tau_must_be_finite_in_the_input_dtype():
+    """tau > 3.4e38 passed the finite check but is inf in fp32: an element on an edge got [1, 0] and a NaN gradient."""
+    z = torch.tensor([[1.0]], requires_grad=True)
+    with pytest.raises(ValueError, match=r"tau must be a finite number > 0 in torch.float32, got 1e\+39"):
+        soft_histogram(z, torch.zeros(1), 1.0, 2, tau=1e39)
+    with pytest.raises(ValueError, match=r"width must be a finite number > 0 in torch.float32, got 1e-50"):
+        soft_histogram(z, torch.zeros(1), 1e-50, 2, tau=1e40)
+    # the same tau is finite in float64: the element on the edge splits its mass, and its gradient is finite
+    zd = z.detach().double().requires_grad_()
+    h = soft_histogram(zd, torch.zeros(1, dtype=torch.float64), 1.0, 2, tau=1e39)
+    assert h.tolist() == [[0.5, 0.5]]
+    h[0, 0].backward()
+    assert torch.isfinite(zd.grad).all()
+
+
+def test_edges_must_be_finite_in_the_dtype():
+    with pytest.raises(ValueError, match=r"channel 1's edges low \+ i \* width reach past the torch.float32 range "
+                                         r"\(low = 3e\+38, 5 bins of width 1e\+37\)"):
+        soft_histogram(torch.randn(4, 2), torch.tensor([0.0, 3e38]), 1e37, 5)
+    z = torch.randn(4, 2, requires_grad=True)
+    low = torch.tensor([0.0, 3e38], dtype=torch.float64)  # fine in float64
+    soft_histogram(z.double(), low, 1e37, 5).sum().backward()
+
+
+def test_double_backward_is_refused():
+    """The second-order gradient used to be all zeros with only a warning (the backward ops had no autograd)."""
+    z = (torch.randn(10, 2, dtype=torch.float64) * 0.5).requires_grad_()
+    low = torch.tensor([-1.2, -1.4], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 14, dtype=torch.float64, requires_grad=True)  # grad_hist depends on w
+
+    def f():
+        return (soft_histogram(z, low, 0.2, [12, 14], 15.0) * w).sum()
+    first = torch.autograd.grad(f(), (z, low), create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, torch.autograd.grad(f(), (z, low))))
+    with pytest.raises(RuntimeError, match="pydefend.soft_histogram is not twice differentiable"):
+        torch.autograd.grad(first[0].square().sum() + first[1].sum(), (z, low, w))
+    p = torch.softmax(torch.randn(3, 7, dtype=torch.float64), -1).requires_grad_()
+    q = torch.softmax(torch.randn(3, 7, dtype=torch.float64), -1).requires_grad_()
+    gp, gq = torch.autograd.grad(f_divergence(p, q, "js").sum(), (p, q), create_graph=True)
+    with pytest.raises(RuntimeError, match="pydefend.f_divergence is not twice differentiable"):
+        torch.autograd.grad(gp.square().sum() + gq.sum(), (p, q))
+
+
 # --------------------------------------------------------------------------- f-divergences
 @pytest.mark.parametrize("kind", ["tv", "kl", "js"])
 def test_divergence_matches_formulas_and_handles_empty_bins(kind):

@@ -3,8 +3,10 @@
     y = min(r, upper),   r = x, or r = max(x, 0) with relu=True
 
 `upper` broadcasts over the batch: shape (C,) with C = x.shape[channel_dim]
-(per channel), or x.shape[1:] (per element, as UNIT's official code bounds
-conv maps). Gradients:
+(per channel), or x.shape[1:] for x with 3+ dims (per element, as UNIT's
+official code bounds conv maps). A 1-D upper is always per channel (for a
+2-D x, per channel along dim 1 is per element); any other shape is an error.
+Gradients:
 
     dx     = dy * [not clipped]        (and x > 0 when relu=True)
     dupper = sum of dy * [clipped]     reduced to upper's shape
@@ -14,6 +16,9 @@ gradient goes to the bound (torch.minimum would split it in half). With
 relu=True and upper <= 0 every element is clipped (min(max(x, 0), u) = u).
 NaN in x propagates to y and passes its gradient to x; NaN in upper is
 rejected (one small reduction over `upper` per call). +inf bounds never clip.
+
+Not twice differentiable: a backward through a create_graph=True gradient
+raises (it would otherwise give zeros with only a warning).
 
 Memory: backward keeps a packed state mask, 1 bit per element (2 with the
 ReLU fused), instead of x or y: 1/32 (1/16) of an fp32 input. The upper
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import _library
-from ..backends import Backend, select, why_not_native, why_not_triton
+from ..backends import Backend, refuse_double_backward, select, why_not_native, why_not_triton
 
 _library.load()
 
@@ -47,13 +52,25 @@ def mask_bytes(numel: int, relu: bool) -> int:
 # stride, so x.permute(perm) is contiguous without a copy.
 
 def _upper_kind(shape, upper_shape, channel_dim: int) -> str:
-    if len(shape) >= 1 and tuple(upper_shape) == (shape[channel_dim],):
-        return "channel"
-    if len(shape) >= 2 and tuple(upper_shape) == tuple(shape[1:]):
+    """"channel" for a 1-D upper, "element" for an upper of shape x.shape[1:] with 2+ dims, else an error.
+
+    A 1-D upper is never taken per element: otherwise (F,) bounds of a (B, F) input with channel_dim=0 would
+    clip columns when B != F and rows when B == F.
+    """
+    upper_shape, shape = tuple(upper_shape), tuple(shape)
+    channels = shape[channel_dim] if shape else None
+    if len(upper_shape) == 1:
+        if upper_shape == (channels,):
+            return "channel"
+        other = next((d for d, size in enumerate(shape) if size == upper_shape[0] and d != channel_dim), None)
+        hint = f", or pass channel_dim={other} (the dim of size {upper_shape[0]})" if other is not None else ""
+        raise ValueError(f"channel_clip: upper has shape {upper_shape}; a 1-D upper holds one bound per channel "
+                         f"and must be ({channels},) for channel_dim={channel_dim} of x {shape}{hint}")
+    if len(upper_shape) >= 2 and upper_shape == shape[1:]:
         return "element"
-    raise ValueError(
-        f"channel_clip: upper has shape {tuple(upper_shape)}; expected ({shape[channel_dim] if shape else '?'},) "
-        f"for one bound per channel (dim {channel_dim}) or {tuple(shape[1:])} for one bound per element")
+    per_element = f" or {shape[1:]} for one bound per element" if len(shape) >= 3 else ""
+    raise ValueError(f"channel_clip: upper has shape {upper_shape}; expected ({channels},) for one bound per "
+                     f"channel (dim {channel_dim} of x {shape}){per_element}")
 
 
 def _memory_perm(x: torch.Tensor, kind: str) -> list[int]:
@@ -258,6 +275,7 @@ def _backward(ctx, grad_out, _grad_mask):
 
 
 torch.library.register_autograd(_fwd_op, _backward, setup_context=_setup_context)
+refuse_double_backward(_bwd_op, "pydefend.channel_clip")
 
 
 # --------------------------------------------------------------------------- public API

@@ -36,7 +36,9 @@ parameters during `with fisher.accumulate(): ...forward and backward...`:
   layers (supported: Linear, Conv2d, BatchNorm1d/2d/3d, LayerNorm, GroupNorm; subclasses only if
   they keep the base forward, or for LayerNorm and GroupNorm if their output equals the base forward's
   on the first batch, as timm's does), parameters shared by several layers, a layer called twice in one
-  pass (its per-sample gradient is a sum over calls).
+  pass (its per-sample gradient is a sum over calls), a Conv2d with stride, dilation or kernel size < 1 or
+  negative padding, and a second gradient through one forward pass (a second backward, or a
+  torch.autograd.grad besides the backward: the Fisher would be added twice).
 """
 from __future__ import annotations
 
@@ -212,6 +214,13 @@ def _linear_device(grad, x):
 
 
 # --------------------------------------------------------------------------- conv2d
+def _check_conv_geometry(where: str, kernel_size, stride, padding, dilation):
+    for name, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                               ("dilation", dilation, 1)):
+        if len(value) != 2 or any(not isinstance(v, int) or v < least for v in value):
+            raise ValueError(f"{where}: {name} must be two ints >= {least}, got {tuple(value)}")
+
+
 def _check_conv(grad, x, kernel_size, stride, padding, dilation, groups):
     if not x.is_floating_point() or grad.dtype != x.dtype:
         raise TypeError(f"diag_fisher_conv2d: grad_out and input must share a floating dtype, got {grad.dtype} "
@@ -219,10 +228,12 @@ def _check_conv(grad, x, kernel_size, stride, padding, dilation, groups):
     if x.dim() != 4 or grad.dim() != 4 or grad.shape[0] != x.shape[0]:
         raise ValueError(f"diag_fisher_conv2d: expected input (N, C, H, W) and grad_out (N, O, H', W'), got "
                          f"{tuple(x.shape)} and {tuple(grad.shape)}")
+    _check_conv_geometry("diag_fisher_conv2d", kernel_size, stride, padding, dilation)
     if groups < 1 or x.shape[1] % groups or grad.shape[1] % groups:
         raise ValueError(f"diag_fisher_conv2d: {groups} groups do not divide {x.shape[1]} input and "
                          f"{grad.shape[1]} output channels")
-    out_hw = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+    # no output positions (not a negative count) when the dilated kernel is wider than the padded input
+    out_hw = [max(0, (x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1)
               for d in range(2)]
     if list(grad.shape[2:]) != out_hw:
         raise ValueError(f"diag_fisher_conv2d: grad_out is {tuple(grad.shape[2:])} spatially but this convolution "
@@ -415,11 +426,15 @@ class DiagFisher:
             if len({id(m) for _, m, _ in places}) > 1 or len(places) > 1:
                 raise ValueError(f"DiagFisher: parameter {name!r} is shared by {len(places)} layers; its per-sample "
                                  f"gradient is a sum over them and cannot be split into per-layer squares")
-            _, module, pname = places[0]
+            mname, module, pname = places[0]
             support = _supported(module)
             if not support or pname not in ("weight", "bias"):
                 unsupported.append(f"{name} ({type(module).__name__})")
                 continue
+            if isinstance(module, nn.Conv2d):
+                padding = (0, 0) if isinstance(module.padding, str) else module.padding
+                _check_conv_geometry(f"DiagFisher: Conv2d {mname or type(model).__name__!r}", module.kernel_size,
+                                     module.stride, padding, module.dilation)
             self._layers.setdefault(module, {})[pname] = name
             if support is not True:
                 self._unverified[module] = support
@@ -516,9 +531,15 @@ class DiagFisher:
             with torch.no_grad():
                 state = _norm_views(module, x, training or not isinstance(module, _BN))
             state = (x,) + state
-        output.register_hook(lambda dy: self._on_grad(module, state, scale, dy))
+        consumed = []  # this forward's gradient has arrived once; a second one would be added again
+        output.register_hook(lambda dy: self._on_grad(module, state, scale, dy, consumed))
 
-    def _on_grad(self, module, state, scale, dy):
+    def _on_grad(self, module, state, scale, dy, consumed):
+        if consumed:
+            raise RuntimeError(f"DiagFisher: a second gradient reached {self._names(module)} from one forward pass "
+                               f"(a second backward or a torch.autograd.grad through it) and would add its Fisher "
+                               f"again; backpropagate each forward run inside accumulate() exactly once")
+        consumed.append(True)
         with torch.no_grad():
             dy = dy.detach()
             x = state[0]

@@ -30,6 +30,8 @@ two-pass 16-bit radix select over |ΔW| recomputed block by block.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Mapping, Sequence, Union
@@ -203,6 +205,33 @@ def _layer_pairs(backdoored, unlearned, layer_types) -> list[tuple[str, torch.Te
     return pairs
 
 
+def _cols(t: torch.Tensor) -> int:
+    """Sub-weights per neuron (also for a layer without neurons, whose t[0] does not exist)."""
+    return math.prod(t.shape[1:])
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes between t's first and last element (interleaved views of one buffer count as overlapping)."""
+    start = t.data_ptr()
+    return start, start + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
+def _check_not_shared(pairs):
+    """Zeroing one layer must change no other layer's weights or |ΔW|, or the threshold, the zeroing and the
+    records would disagree (tied weights were zeroed through both names and counted twice)."""
+    groups: dict = {}
+    for i, (_, a, b) in enumerate(pairs):
+        for t, zeroed in ((a, True), (b, False)):
+            if t.numel() and t.device.type != "meta":
+                groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((i, zeroed, _byte_span(t)))
+    for group in groups.values():
+        for (i, zi, (s0, e0)), (j, zj, (s1, e1)) in itertools.combinations(group, 2):
+            if i != j and (zi or zj) and s0 < e1 and s1 < e0:
+                raise ValueError(f"select_and_zero: layers {pairs[i][0]!r} and {pairs[j][0]!r} share weight memory "
+                                 f"(tied weights), so zeroing one changes the other; leave one of them out (pass "
+                                 f"name -> weight mappings)")
+
+
 def _row_blocks(rows: torch.Tensor, cols: int):
     per = max(1, _BLOCK_ELEMENTS // max(cols, 1))
     for i in range(0, rows.numel(), per):
@@ -229,7 +258,7 @@ def _top_threshold(pairs, selected, j: int) -> tuple[int, int]:
     for shift in (16, 0):
         hist.zero_()
         for (_, a, b), rows in zip(pairs, selected):
-            for block in _row_blocks(rows, a[0].numel() if a.dim() else 1):
+            for block in _row_blocks(rows, _cols(a)):
                 keys = _abs_diff_keys(a, b, block.to(a.device)).view(torch.int32).reshape(-1)
                 if prefix is not None:
                     keys = keys[(keys >> 16) == prefix]
@@ -256,7 +285,9 @@ def select_and_zero(backdoored: Union[nn.Module, Mapping[str, torch.Tensor]],
         zeroes round(m * fan_in) sub-weights in every selected neuron.
     Ties: neurons with equal NWC rank by layer order, then index; equal |ΔW| in the global mode are zeroed in
         (layer, neuron, sub-weight index) order, and per neuron by index. NaN counts as the largest change.
-    Records come in NWC rank order (largest first); `zeroed` may be 0 for a selected neuron in the global mode.
+    Records come in NWC rank order (largest first); `zeroed` is the number of that neuron's sub-weights set to 0
+        (exactly the zeroing done; it may be 0 for a selected neuron in the global mode). Layers without neurons
+        are allowed; layers sharing weight memory (tied weights) are refused.
     """
     _check_fraction("n", n)
     _check_fraction("m", m)
@@ -266,6 +297,7 @@ def select_and_zero(backdoored: Union[nn.Module, Mapping[str, torch.Tensor]],
     pairs = _layer_pairs(backdoored, unlearned, layer_types)
     if not pairs:
         return []
+    _check_not_shared(pairs)
     nwc = torch.cat(neuron_l1_change([a for _, a, _ in pairs], [b for _, _, b in pairs]))
     k = _count(n, nwc.numel())
     if k == 0:
@@ -279,7 +311,7 @@ def select_and_zero(backdoored: Union[nn.Module, Mapping[str, torch.Tensor]],
     with torch.no_grad():
         if mode == "per_neuron":
             for i, ((_, a, b), rows) in enumerate(zip(pairs, selected)):
-                cols = a[0].numel() if a.dim() else 1
+                cols = _cols(a)
                 j = _count(m, cols)
                 if j == 0 or rows.numel() == 0:
                     continue
@@ -292,12 +324,12 @@ def select_and_zero(backdoored: Union[nn.Module, Mapping[str, torch.Tensor]],
                     _zero_rows(a, dev_rows, mask)
                     zeroed[i][block] = j
         else:
-            total = sum(rows.numel() * (a[0].numel() if a.dim() else 1) for (_, a, _), rows in zip(pairs, selected))
+            total = sum(rows.numel() * _cols(a) for (_, a, _), rows in zip(pairs, selected))
             j = _count(m, total)
             if j > 0:
                 threshold, ties = _top_threshold(pairs, selected, j)
                 for i, ((_, a, b), rows) in enumerate(zip(pairs, selected)):
-                    for block in _row_blocks(rows, a[0].numel() if a.dim() else 1):
+                    for block in _row_blocks(rows, _cols(a)):
                         dev_rows = block.to(a.device)
                         keys = _abs_diff_keys(a, b, dev_rows).view(torch.int32)
                         mask = keys > threshold

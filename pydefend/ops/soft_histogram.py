@@ -35,11 +35,16 @@ order (no float atomics). It is the derivative of the unrounded function.
 
 Edge cases: z = ±inf lands in the last/first bin with zero gradient. A NaN in
 z makes its channel's row NaN (bins < M_c; what the dense formula gives) and
-its own gradient NaN. low must be finite; width > 0, tau > 0, num_bins >= 1
-(at most 2^24), and z needs at least one element per channel, otherwise
-ValueError. Values far outside [low, low + M·Δb] are fine (they fall in the
-semi-infinite end bins). Under torch.compile pass width, tau and num_bins as
-Python numbers (num_bins: an int or a list of ints), not tensors.
+its own gradient NaN. low must be finite; width > 0 and tau > 0 finite in the
+dtype the op computes in (float32 unless z is float64: tau = 1e39 is inf
+there), every edge low + i·Δb finite in it too, num_bins in [1, 2^24] with
+C·max(num_bins) <= 2^26, and z needs at least one element per channel,
+otherwise ValueError. num_bins is an int, a sequence of ints or an integer
+tensor (anything else: TypeError). Values far outside [low, low + M·Δb] are
+fine (they fall in the semi-infinite end bins). Under torch.compile pass
+width, tau and num_bins as Python numbers (num_bins: an int or a list of
+ints), not tensors. Neither op is twice differentiable: a backward through a
+create_graph=True gradient raises instead of giving zeros.
 
 f_divergence(p, q, kind, eps) reduces the last dim: "tv" = ½Σ|p - q|,
 "kl" = Σ p·log((p + ε)/(q + ε)), "js" = ½KL(p‖m) + ½KL(q‖m), m = (p + q)/2
@@ -51,12 +56,13 @@ are 0 in both histograms and contribute 0, so no mask is needed.
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple, Sequence, Union
+import operator
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from .. import _library
-from ..backends import Backend, select, why_not_native, why_not_triton
+from ..backends import Backend, refuse_double_backward, select, why_not_native, why_not_triton
 
 _library.load()
 
@@ -67,6 +73,7 @@ DIVERGENCES = ("tv", "kl", "js")
 _CUTOFF = {torch.float32: 23.0, torch.float64: 44.0}
 _MAX_PER_CHANNEL = 2**31 - 1
 _MAX_BINS = 2**24
+_MAX_ENTRIES = 2**26  # C·max(M): the histogram, and on CPU one int64 counter set per thread
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,12 +99,13 @@ def bin_layout(clean: Union[torch.Tensor, Iterable[torch.Tensor]], width: float 
                channel_dim: int = 1) -> BinLayout:
     """BNA's bins from clean activations: b_0 = per-channel min, M = ⌈(max - min)/Δb⌉ (at least 1).
 
-    `clean` is one tensor or an iterable of batches (min/max are combined).
+    `clean` is one tensor or an iterable of batches (min/max are combined). A channel needing more than 2^24
+    bins, or C·max(M) above 2^26 (one outlier stretches every channel's row), is a ValueError naming the channel.
     """
-    _check_scalar("width", width)
     batches = [clean] if isinstance(clean, torch.Tensor) else list(clean)
     if not batches:
         raise ValueError("bin_layout: no clean activations given")
+    _check_scalar("width", width, _acc_dtype(batches[0].dtype))
     lo = hi = None
     with torch.no_grad():
         for x in batches:
@@ -112,8 +120,16 @@ def bin_layout(clean: Union[torch.Tensor, Iterable[torch.Tensor]], width: float 
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ValueError("bin_layout: clean activations contain NaN or inf")
         bins = torch.ceil((hi - lo) / width).clamp_min(1)
-    if bins.max() > _MAX_BINS:
-        raise ValueError(f"bin_layout: a channel needs {int(bins.max())} bins (> 2^24); use a wider bin")
+    # checked before anything of size C·max(M) exists: one outlier in one channel sets every channel's row length
+    worst = int(torch.argmax(bins))
+    most, channels = int(bins[worst]), bins.numel()
+    spread = f"(its values span {float(lo[worst]):.6g} to {float(hi[worst]):.6g})"
+    if most > _MAX_BINS:
+        raise ValueError(f"bin_layout: channel {worst} needs {most} bins (> 2^24) {spread}; use a wider bin")
+    if channels * most > _MAX_ENTRIES:
+        raise ValueError(f"bin_layout: channel {worst} needs {most} bins {spread}, so the histogram of {channels} "
+                         f"channels would have {channels} x {most} entries (> 2^26); use a wider bin or leave out "
+                         f"the outliers")
     return BinLayout(lo.to(batches[0].dtype if batches[0].dtype == torch.float64 else torch.float32),
                      float(width), [int(b) for b in bins.tolist()])
 
@@ -125,9 +141,42 @@ def _normalise_dim(channel_dim: int, ndim: int) -> int:
     return channel_dim % max(ndim, 1)
 
 
-def _check_scalar(name: str, value: float):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"soft_histogram: {name} must be a finite number > 0, got {value!r}")
+def _check_scalar(name: str, value: float, dtype: torch.dtype):
+    """A finite number > 0 also once rounded to `dtype`, the dtype the kernels compute in (in float32, 1e39 is
+    inf and 1e-46 is 0)."""
+    finfo = torch.finfo(dtype)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and finfo.tiny * finfo.eps <= value <= finfo.max):
+        raise ValueError(f"soft_histogram: {name} must be a finite number > 0 in {dtype}, got {value!r}")
+
+
+def _bins_list(num_bins, C: Optional[int] = None) -> list[int]:
+    """num_bins (an int, a sequence of ints or an integer tensor) as a list of ints, each in [1, 2^24]; with C,
+    one per channel (a single count is repeated). Used by the public op, the reference and the checks."""
+    tensor = isinstance(num_bins, torch.Tensor)
+    if tensor:
+        integral = not (num_bins.is_floating_point() or num_bins.is_complex() or num_bins.dtype == torch.bool)
+        items = num_bins.reshape(-1).tolist() if integral else None
+    elif isinstance(num_bins, Iterable) and not isinstance(num_bins, (str, bytes)):
+        items = list(num_bins)
+    else:
+        items = [num_bins]
+    try:
+        if items is None or any(isinstance(b, bool) for b in items):
+            raise TypeError
+        bins = [operator.index(b) for b in items]
+    except TypeError:
+        shown = f"a {num_bins.dtype} tensor" if tensor else f"{type(num_bins).__name__} {num_bins!r}"
+        raise TypeError(f"soft_histogram: num_bins must be an int, a sequence of ints or an integer tensor, got "
+                        f"{shown}") from None
+    bad = [b for b in bins if not 1 <= b <= _MAX_BINS]
+    if bad:
+        raise ValueError(f"soft_histogram: num_bins must be in [1, 2^24], got {bad[0]}")
+    if C is None:
+        return bins
+    if len(bins) not in (1, C):
+        raise ValueError(f"soft_histogram: num_bins has {len(bins)} entries; expected 1 or {C} (one per channel)")
+    return bins * C if len(bins) == 1 else bins
 
 
 def _check(z, low, width, num_bins, tau, channel_dim) -> tuple[int, list[int]]:
@@ -145,18 +194,15 @@ def _check(z, low, width, num_bins, tau, channel_dim) -> tuple[int, list[int]]:
         raise TypeError(f"soft_histogram: low must be {_acc_dtype(z.dtype)} for {z.dtype} z, got {low.dtype}")
     if low.device != z.device:
         raise ValueError(f"soft_histogram: z is on {z.device} but low is on {low.device}")
-    _check_scalar("width", width)
-    _check_scalar("tau", tau)
+    _check_scalar("width", width, low.dtype)
+    _check_scalar("tau", tau, low.dtype)
     if tau * width < 1e-30:
         raise ValueError(f"soft_histogram: tau * width = {tau * width} is too small to resolve any bin")
-    bins = list(num_bins)
-    if len(bins) not in (1, C):
-        raise ValueError(f"soft_histogram: num_bins has {len(bins)} entries; expected 1 or {C} (one per channel)")
-    if len(bins) == 1:
-        bins = bins * C
-    bad = [b for b in bins if not 1 <= b <= _MAX_BINS]
-    if bad:
-        raise ValueError(f"soft_histogram: num_bins must be in [1, 2^24], got {bad[0]}")
+    bins = _bins_list(num_bins, C)
+    most = max(bins)
+    if C * most > _MAX_ENTRIES:
+        raise ValueError(f"soft_histogram: num_bins gives channel {bins.index(most)} {most} bins, so the histogram "
+                         f"would have {C} x {most} entries (> 2^26); use fewer bins")
     if z.numel() == 0:
         raise ValueError("soft_histogram: z has no elements per channel (the histogram is a mean)")
     if z.numel() // C > _MAX_PER_CHANNEL:
@@ -206,15 +252,6 @@ def _pad_edges(s):
     """s_0 = 1 in front of the edges, s_M = 0 behind them."""
     end = s.shape[:-1] + (1,)
     return torch.cat([s.new_ones(end), s, s.new_zeros(end)], -1)
-
-
-def _bins_list(num_bins, C: int) -> list[int]:
-    if isinstance(num_bins, torch.Tensor):
-        num_bins = num_bins.reshape(-1).tolist()
-    elif isinstance(num_bins, int):
-        num_bins = [num_bins]
-    bins = [int(b) for b in num_bins]
-    return bins * C if len(bins) == 1 else bins
 
 
 def _reference_forward(z, low, num_bins, inner, max_bins, width, tau, edges, reach):
@@ -308,10 +345,21 @@ def _flat_args(z, low, width, num_bins, tau, channel_dim):
     return zp, perm, nb, _inner(z.shape, perm, cd), max(bins), reach, edges
 
 
-def _fwd_device(z, low, width, num_bins, tau, channel_dim):
-    zp, perm, nb, inner, max_bins, reach, edges = _flat_args(z, low, width, num_bins, tau, channel_dim)
+def _check_edges(low, width, max_bins):
+    """low finite, and so every edge low + i·width, i <= max_bins, in low's dtype (one reduction)."""
+    ends = torch.stack([low, low + width * max_bins])
+    if torch.isfinite(ends).all():
+        return
     if not torch.isfinite(low).all():
         raise ValueError("soft_histogram: low contains NaN or inf")
+    c = int(torch.nonzero(~torch.isfinite(ends[1]))[0])
+    raise ValueError(f"soft_histogram: channel {c}'s edges low + i * width reach past the {low.dtype} range "
+                     f"(low = {float(low[c]):.6g}, {max_bins} bins of width {width}); use a smaller width")
+
+
+def _fwd_device(z, low, width, num_bins, tau, channel_dim):
+    zp, perm, nb, inner, max_bins, reach, edges = _flat_args(z, low, width, num_bins, tau, channel_dim)
+    _check_edges(low, width, max_bins)
     backend = select("soft_histogram", BACKENDS, z.device)
     return backend.forward(zp, low.contiguous(), nb, inner, max_bins, float(width), float(tau), edges, reach)
 
@@ -329,6 +377,7 @@ def _bwd_device(grad_hist, z, low, width, num_bins, tau, channel_dim):
     if tuple(grad_hist.shape) != (low.numel(), max_bins):
         raise ValueError(f"soft_histogram: gradient has shape {tuple(grad_hist.shape)}, "
                          f"expected {(low.numel(), max_bins)}")
+    _check_edges(low, width, max_bins)
     backend = select("soft_histogram", BACKENDS, z.device)
     grad_z, grad_low = backend.backward(grad_hist.to(low.dtype).contiguous(), zp, low.contiguous(), nb, inner,
                                         float(width), float(tau), edges, reach)
@@ -353,6 +402,7 @@ def _backward(ctx, grad_hist):
 
 
 torch.library.register_autograd(_fwd_op, _backward, setup_context=_setup_context)
+refuse_double_backward(_bwd_op, "pydefend.soft_histogram")
 
 
 # --------------------------------------------------------------------------- f-divergences
@@ -433,6 +483,7 @@ def _div_backward(ctx, grad):
 
 
 torch.library.register_autograd("pydefend::f_divergence", _div_backward, setup_context=_div_setup_context)
+refuse_double_backward("pydefend::f_divergence_bwd", "pydefend.f_divergence")
 
 
 # --------------------------------------------------------------------------- public API
@@ -445,9 +496,7 @@ def soft_histogram(z: torch.Tensor, low: torch.Tensor, width: float, num_bins: U
     """
     if z.is_floating_point() and low.dtype != _acc_dtype(z.dtype):
         low = low.to(_acc_dtype(z.dtype))
-    bins = [int(b) for b in num_bins.reshape(-1).tolist()] if isinstance(num_bins, torch.Tensor) else (
-        [int(num_bins)] if isinstance(num_bins, int) else [int(b) for b in num_bins])
-    return torch.ops.pydefend.soft_histogram_fwd(z, low, float(width), bins, float(tau), channel_dim)
+    return torch.ops.pydefend.soft_histogram_fwd(z, low, float(width), _bins_list(num_bins), float(tau), channel_dim)
 
 
 def f_divergence(p: torch.Tensor, q: torch.Tensor, kind: str = "tv", eps: float = 1e-10) -> torch.Tensor:
