@@ -29,54 +29,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _number_type(parse, accepts, expected: str):
+    """An argparse type: `parse` the text, then refuse values outside what `accepts` (NaN never passes)."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    return convert
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
-def _clean_fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: all of --data), got {text}")
-    return value
-
-
-def _positive_real(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
-    return value
+_positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+_fraction = _number_type(float, lambda v: 0.0 < v < 1.0, "a number between 0 and 1 (exclusive)")
+_clean_fraction = _number_type(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (1: all of --data)")
+_positive_real = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_seed = _number_type(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 
 
 MAX_WIDTH = 4096
