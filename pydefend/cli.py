@@ -216,6 +216,7 @@ def add_defend_parser(subparsers):
     parser.add_argument("--preset", default=None,
                         help="a named configuration of the defense, e.g. 'official' (the authors' code)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: ./defended-<method>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
@@ -230,6 +231,7 @@ def add_demo_parser(subparsers):
                     "(Fashion-MNIST at 16x16, 3,000 clean training images for the defender) and print a "
                     "before/after table. Takes about nine minutes on two cores.")
     parser.add_argument("--out", type=Path, default=Path("pydefend-demo"), help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--methods", nargs="+", default=None, choices=_defense_names(), metavar="METHOD",
                         help=f"defenses to run (default: all of {', '.join(_defense_names())})")
     parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
@@ -396,7 +398,8 @@ def run_defend(args) -> int:
     clean_indices = recorded if recorded else clean_split(dataset, args.clean_fraction, args.seed)
     out = args.out or Path(f"defended-{args.method}")
     report, _ = run_defense(args.method, model, dataset, attack, clean_indices, config, device=args.device,
-                            progress=not args.quiet, out_dir=out, model_spec=spec, source=source)
+                            progress=not args.quiet, out_dir=out, model_spec=spec, source=source,
+                            overwrite=args.overwrite)
     print(format_table(SUMMARY_HEADER, [summary_row(args.method, report)]))
     print(f"report, plots and repaired model: {out}")
     return 0
@@ -405,7 +408,8 @@ def run_defend(args) -> int:
 def run_demo(args) -> int:
     from .demo import run_demo as demo
 
-    demo(out_dir=args.out, methods=args.methods, device=args.device, progress=not args.quiet)
+    demo(out_dir=args.out, methods=args.methods, device=args.device, progress=not args.quiet,
+         overwrite=args.overwrite)
     return 0
 
 

@@ -17,6 +17,7 @@ from .defenses.base import preset_config, shown
 from .environment import environment
 from .metrics import defense_effectiveness_rating, detection_rates, evaluate
 from .monitor import METHOD as MEMORY_METHOD
+from .output import ResultDirectory
 from .repaired import save_repaired
 
 
@@ -97,13 +98,15 @@ def checked_indices(indices, size: int) -> torch.Tensor:
 
 def run_defense(method: str, model, dataset, attack, clean_indices, config=None, device="cpu",
                 progress: bool = True, out_dir=None, model_spec: dict | None = None, source: dict | None = None,
-                before: dict | None = None):
-    """Returns (report dict, DefenseResult). Writes report, plots and model into out_dir when given.
+                before: dict | None = None, overwrite: bool = False):
+    """Returns (report dict, DefenseResult). Writes report, plots and model into out_dir when given, all at once
+    when the run is complete; an out_dir that already holds results is replaced only with ``overwrite``.
 
     ``before``: the model's metrics on this dataset and attack, when already measured.
     """
     defense_cls = get_defense(method)
     idx = checked_indices(clean_indices, len(dataset.x_train))
+    results = ResultDirectory(out_dir, overwrite) if out_dir is not None else None
     clean = CleanData(dataset.x_train[idx], dataset.y_train[idx], dataset.num_classes)
     start = time.perf_counter()
     if before is None:
@@ -119,13 +122,12 @@ def run_defense(method: str, model, dataset, attack, clean_indices, config=None,
     report["total_seconds"] = round(time.perf_counter() - start, 3)
     report["memory_method"] = MEMORY_METHOD
     report["environment"] = environment(device, seed=report.get("config", {}).get("seed"))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if model_spec is not None:
-            save_repaired(out, result.model, model_spec, method, result.inserted, None, source, result.wrapper)
-        report["plots"] = _draw_plots(result.plots, out)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if results is not None:
+        with results as out:
+            if model_spec is not None:
+                save_repaired(out, result.model, model_spec, method, result.inserted, None, source, result.wrapper)
+            report["plots"] = _draw_plots(result.plots, out)
+            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report, result
 
 

@@ -18,14 +18,15 @@ from .defend import SUMMARY_HEADER, format_table, run_defense, summary_row
 from .defenses import REGISTRY
 from .environment import environment
 from .metrics import evaluate
+from .output import ResultDirectory
 from .zoo import attack_from_meta
 
 EMBEDDED = Path(__file__).resolve().parent / "checkpoints"
 DEMO_CHECKPOINT = EMBEDDED / "fashion_mnist-16x16-preact_resnet18-w8-badnets-t0-r0.1-s0"
 
 
-def run_demo(out_dir="pydefend-demo", methods=None, device="cpu", progress=True) -> list[dict]:
-    out = Path(out_dir)
+def run_demo(out_dir="pydefend-demo", methods=None, device="cpu", progress=True, overwrite=False) -> list[dict]:
+    results = ResultDirectory(out_dir, overwrite)
     methods = methods or sorted(REGISTRY)
     start = time.perf_counter()
     model, meta = load_checkpoint(DEMO_CHECKPOINT, device=device)
@@ -38,18 +39,21 @@ def run_demo(out_dir="pydefend-demo", methods=None, device="cpu", progress=True)
           f"{len(meta['clean_indices']):,} clean training images for the defender; "
           f"defenses: {', '.join(methods)}")
     rows, reports = [], []
-    for number, method in enumerate(methods, 1):
-        print(f"[{number}/{len(methods)}] {method}", flush=True)
-        fresh, _ = load_checkpoint(DEMO_CHECKPOINT, device=device)
-        report, _ = run_defense(method, fresh, dataset, attack, meta["clean_indices"], device=device,
-                                progress=progress, out_dir=out / method, model_spec=meta["model"],
-                                source={"checkpoint": str(DEMO_CHECKPOINT), "dataset": dataset.name}, before=before)
-        rows.append(summary_row(method, report))
-        reports.append(report)
-    print()
-    print(format_table(SUMMARY_HEADER, rows))
-    summary = {"checkpoint": DEMO_CHECKPOINT.name, "table": [SUMMARY_HEADER] + rows,
-               "environment": environment(device)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nreports, plots and repaired models: {out.resolve()}/<defense>/ · total {time.perf_counter() - start:.0f} s")
+    with results as staging:
+        for number, method in enumerate(methods, 1):
+            print(f"[{number}/{len(methods)}] {method}", flush=True)
+            fresh, _ = load_checkpoint(DEMO_CHECKPOINT, device=device)
+            report, _ = run_defense(method, fresh, dataset, attack, meta["clean_indices"], device=device,
+                                    progress=progress, out_dir=staging / method, model_spec=meta["model"],
+                                    source={"checkpoint": str(DEMO_CHECKPOINT), "dataset": dataset.name},
+                                    before=before)
+            rows.append(summary_row(method, report))
+            reports.append(report)
+        print()
+        print(format_table(SUMMARY_HEADER, rows))
+        summary = {"checkpoint": DEMO_CHECKPOINT.name, "table": [SUMMARY_HEADER] + rows,
+                   "environment": environment(device)}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nreports, plots and repaired models: {results.out.resolve()}/<defense>/ · total "
+          f"{time.perf_counter() - start:.0f} s")
     return reports

@@ -16,11 +16,13 @@ from pathlib import Path
 from torch import nn
 
 from . import graph, modelspec
+from .output import sha256_of
 from .checkpoint import (CheckpointError, _format_json, _is_safetensors, _looks_pickled, _refuse_pickle,
                          load_exact_state, read_description)
 
 FORMAT = "pydefend-repaired"
-FORMAT_VERSION = 1
+# 2: repaired.json holds the SHA-256 of repaired.safetensors.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "repaired.safetensors"
 META_FILE = "repaired.json"
 
@@ -73,6 +75,22 @@ def _build_inserted(model: nn.Module, inserted: list) -> nn.Module:
     return graph.insert_recorded(model, modules, inserted[0].get("via", "graph"))
 
 
+def _check_weights_hash(directory: Path, meta: dict):
+    """Weights written by another run than their description (an interrupted write, a copy over one file) are
+    refused. Descriptions older than format 2 hold no hash."""
+    if meta.get("format_version", 0) < 2:
+        return
+    expected = meta.get("weights_sha256")
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{directory / META_FILE} lacks the weights_sha256 of {WEIGHTS_FILE}")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    if sha256_of(weights) != expected:
+        raise CheckpointError(f"{weights} is not the file {META_FILE} describes (its SHA-256 differs): the two were "
+                              "written by different runs; run the defense again")
+
+
 def save_repaired(directory, model: nn.Module, model_spec: dict, defense: str, inserted: list,
                   report: dict | None = None, source: dict | None = None, wrapper: dict | None = None) -> Path:
     """Write repaired.safetensors + repaired.json (and report.json when given) into directory."""
@@ -81,9 +99,10 @@ def save_repaired(directory, model: nn.Module, model_spec: dict, defense: str, i
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "defense": defense, "model": model_spec,
-            "inserted": inserted, "wrapper": wrapper, "source": source or {}}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "defense": defense, "model": model_spec,
+            "inserted": inserted, "wrapper": wrapper, "source": source or {},
+            "weights_sha256": sha256_of(directory / WEIGHTS_FILE)}
     (directory / META_FILE).write_text(_format_json(meta) + "\n")
     if report is not None:
         (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -107,6 +126,7 @@ def load_repaired(path: str | os.PathLike, device="cpu", trust_code: bool = Fals
     if not (directory / META_FILE).exists():
         raise CheckpointError(f"{directory} holds no repaired model ({META_FILE} is missing)")
     meta = read_description(directory / META_FILE, FORMAT, FORMAT_VERSION)
+    _check_weights_hash(directory, meta)
     model = _build_wrapper(_build_inserted(modelspec.build(meta["model"], trust_code), meta.get("inserted")),
                            meta.get("wrapper"))
     try:

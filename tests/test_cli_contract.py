@@ -174,6 +174,14 @@ CASES = {
     "--width text": _weights_run("--width", "abc"),
     "--width huge": _weights_run("--width", "1000000"),
     "--weights of another width": _weights_run("--width", "16"),
+    "--out holds results": lambda work: ((work / "old").mkdir(), (work / "old" / "report.json").write_text("{}"),
+                                         ["defend", "--method", "unit", "--checkpoint", "ckpt", "--out", "old"])[2],
+    "--out is a file": lambda work: ((work / "taken").write_text("mine"),
+                                     ["defend", "--method", "unit", "--checkpoint", "ckpt", "--out", "taken"])[1],
+    "--out under a file": lambda work: ((work / "taken").write_text("mine"),
+                                        ["defend", "--method", "unit", "--checkpoint", "ckpt", "--out", "taken/x"])[1],
+    "demo --out holds results": lambda work: ((work / "old").mkdir(), (work / "old" / "summary.json").write_text("{}"),
+                                              ["demo", "--out", "old"])[2],
     "attack --lr nan": _args("attack", "--attack", "badnets", "--lr", "nan", "--epochs", "1", "--out", "new"),
     "attack --lr -1": _args("attack", "--attack", "badnets", "--lr", "-1", "--epochs", "1", "--out", "new"),
     "attack --target beyond the classes": _args("attack", "--attack", "badnets", "--target", "10", "--epochs", "1",
@@ -201,7 +209,7 @@ def test_refused_in_one_line_with_exit_2_and_nothing_written(case, work, capsys)
         pytest.skip("this machine has a CUDA GPU")
     argv = CASES[case](work)
     before = _listing(work)
-    status = cli.main(argv + ["--quiet"] if argv[0] in ("defend", "attack") else argv)
+    status = cli.main(argv + ["--quiet"])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert status == 2, err
@@ -241,11 +249,16 @@ def _edit_repaired(change):
     return edit
 
 
-def _edit_repaired_weights(change):
+def _edit_repaired_weights(change, rehash=True):
+    """Changes the weights; with `rehash` the description is updated to match, as an attacker would."""
     def edit(directory):
+        from pydefend.output import sha256_of
+
         path = directory / "repaired.safetensors"
         state = load_file(str(path))
         save_file({key: change(key, value) for key, value in state.items()}, str(path))
+        if rehash:
+            _edit_repaired(lambda m: m.update(weights_sha256=sha256_of(path)))(directory)
     return edit
 
 
@@ -260,6 +273,8 @@ REPAIRED_CASES = {
     "unknown wrapper": _edit_repaired(lambda m: m.update(wrapper={"class": "Popen", "args": {}})),
     "NaN weights": _edit_repaired_weights(lambda k, v: torch.full_like(v, float("nan")) if "stem" in k else v),
     "int64 weights": _edit_repaired_weights(lambda k, v: v.long() if "stem" in k else v),
+    "weights of another run": _edit_repaired_weights(lambda k, v: v * 1.01, rehash=False),
+    "no weights hash": _edit_repaired(lambda m: m.pop("weights_sha256")),
 }
 
 
