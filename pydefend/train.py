@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 
 import torch
@@ -12,50 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import Attack, poison_dataset
+from .augment import random_crop
 from .data import Dataset
 from .metrics import evaluate
 from .models import build_model
+from .progress import Progress
 from .reproducible import thread_count_independent
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop after zero padding (shifts of up to ``padding`` pixels)."""
-    n, _, height, width = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, top:top + height, left:left + width]
-                        for i, (top, left) in enumerate(offsets)])
-
-
-class _Progress:
-    """tqdm bar when tqdm is installed, one printed line per epoch otherwise."""
-
-    def __init__(self, total_steps: int, epochs: int, enabled: bool, description: str):
-        self.enabled, self.epochs, self.bar = enabled, epochs, None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total_steps, desc=description, unit="step", leave=False)
-            except ImportError:
-                print(f"{description}: {epochs} epochs", file=sys.stderr)
-
-    def step(self, loss: float):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-    def epoch_end(self, epoch: int, loss: float, accuracy: float):
-        if not self.enabled:
-            return
-        line = f"epoch {epoch + 1}/{self.epochs}: loss {loss:.4f}, train acc {accuracy:.4f}"
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, file=sys.stderr)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def train_backdoored(dataset: Dataset, model_name: str | nn.Module, model_config: dict | None, attack: Attack | None,
@@ -96,7 +57,8 @@ def train_backdoored(dataset: Dataset, model_name: str | nn.Module, model_config
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
                                                     steps_per_epoch=steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    bar = _Progress(epochs * steps_per_epoch, epochs, progress, f"{attack.name if attack else 'clean'}/{model_name}")
+    bar = Progress(description=f"{attack.name if attack else 'clean'}/{model_name}", enabled=progress,
+                   total=epochs * steps_per_epoch)
     start = time.perf_counter()
     with thread_count_independent(model), contextlib.closing(bar):
         model.train()
@@ -117,8 +79,9 @@ def train_backdoored(dataset: Dataset, model_name: str | nn.Module, model_config
                 scheduler.step()
                 loss_sum += loss.item() * len(index)
                 correct += (logits.argmax(1) == y).sum().item()
-                bar.step(loss.item())
-            bar.epoch_end(epoch, loss_sum / n, correct / n)
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.write(f"epoch {epoch + 1}/{epochs}: loss {loss_sum / n:.4f}, train acc {correct / n:.4f}")
     train_time = time.perf_counter() - start
     metrics = evaluate(model, dataset, attack, batch_size=max(batch_size, 256), device=device)
     metrics.update(train_time_s=train_time, poisoned=len(poisoned), epochs=epochs)
