@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pydefend.defenses.base import augmented
+from pydefend.augment import augmented
 
 
 def _batches(x, y, size):

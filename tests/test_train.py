@@ -6,7 +6,8 @@ from pydefend.attacks import BadNets, make_attack
 from pydefend.checkpoint import load_checkpoint
 from pydefend.data import clean_split, load_digits
 from pydefend.metrics import evaluate
-from pydefend.train import random_crop, train_backdoored
+from pydefend.augment import random_crop
+from pydefend.train import train_backdoored
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -57,12 +57,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..augment import AUGMENTATIONS, augmented
 from ..monitor import PhaseRecorder
 from ..reproducible import thread_count_independent
 from ..ops.neuron_l1 import CONV_TYPES, neuron_l1_change, select_and_zero
 from ..progress import progress_bar
-from .base import (AUGMENTATIONS, COUNT, EPOCHS, FRACTION, MOMENTUM, NONNEGATIVE, POSITIVE, SEED, CleanData,
-                   DefenseResult, accuracy, augmented, choice, config_dict, flag, preset, pyplot, register, save_figure,
+from .base import (COUNT, EPOCHS, FRACTION, MOMENTUM, NONNEGATIVE, POSITIVE, SEED, CleanData,
+                   DefenseResult, accuracy, choice, config_dict, flag, preset, pyplot, register, save_figure,
                    validate)
 
 LAYER_TYPES = {"conv": CONV_TYPES, "linear": (nn.Linear,), "conv+linear": CONV_TYPES + (nn.Linear,)}

@@ -61,12 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..augment import AUGMENTATIONS, augmented
 from ..monitor import PhaseRecorder
 from ..ops.diag_fisher import DiagFisher
 from ..reproducible import thread_count_independent
 from ..progress import progress_bar
-from .base import (AUGMENTATIONS, COUNT, EPOCHS, FRACTION, MOMENTUM, NONNEGATIVE, POSITIVE, SEED, CleanData,
-                   DefenseResult, accuracy, augmented, choice, config_dict, integer, pyplot, real, register,
+from .base import (COUNT, EPOCHS, FRACTION, MOMENTUM, NONNEGATIVE, POSITIVE, SEED, CleanData,
+                   DefenseResult, accuracy, choice, config_dict, integer, pyplot, real, register,
                    save_figure, validate)
 
 _BN = nn.modules.batchnorm._BatchNorm
