@@ -20,7 +20,7 @@ fi
 python3 -m pip install -q --disable-pip-version-check \
   torch==2.14.1 torchvision==0.29.1 triton==3.8.0 "numpy<2.4" cmake ninja \
   timm==1.0.31 transformers==5.24.0 \
-  safetensors scikit-learn tqdm matplotlib pillow pytest pytest-benchmark
+  safetensors scikit-learn tqdm matplotlib pillow pytest pytest-benchmark hypothesis==6.155.2
 # BackPACK (the Fisher tests' peer) goes in without dependencies, so that its loose torch requirement can
 # never make pip reconsider the pinned one.
 python3 -m pip install -q --disable-pip-version-check --no-deps backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops

@@ -8,6 +8,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Hypothesis profiles (tests/test_op_properties.py). "ci" is loaded here, so it is what every run gets; the
+# hypothesis pytest plugin loads the one named by --hypothesis-profile after this file is imported, so
+# `--hypothesis-profile=thorough` wins (HYPOTHESIS_PROFILE=thorough does the same where the option cannot be
+# passed). No fixed seed: every run draws fresh examples, and a failure prints the blob that replays it
+# (@reproduce_failure); the example database (.hypothesis/, which git-ignores itself) replays a local failure first.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    settings.register_profile("ci", max_examples=200, deadline=None, derandomize=False, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("thorough", max_examples=2000, deadline=None, derandomize=False, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # Fixed models, committed so that every machine tests the same weights (README, "Fixed models", has the
 # commands that trained them):
 # - the demo's: BadNets on Fashion-MNIST at 16×16, 3,000 clean images for the defender. The defenses' efficacy

@@ -31,7 +31,7 @@ BAD = {
         "step_unit": ["pass"], "seed": [-1, 2 ** 64, 0.5],
     },
     BNAConfig: {
-        "detection": ["source"], "trigger": ["blend"], "threshold": [0, -2, "2"], "statistic": ["sqrt"],
+        "detection": ["source"], "trigger": ["blend"], "threshold": [-0.5, -2, "2"], "statistic": ["sqrt"],
         "re_steps": [0, -300], "re_batch_size": [0], "re_max_images": [0, 1.5], "re_lr": [0, -0.1],
         "re_init_cost": [0, -1e-3], "re_cost_multiplier": [1, 0.5, -1.5], "re_check_every": [0],
         "re_patience": [0, -3], "re_success": [0, 1.01, -0.5], "layers": ["", "   ", 3, ["bn"]],

@@ -113,7 +113,7 @@ class BNAConfig:
 BNA_RULES = {
     "detection": choice("target", "pairs"),
     "trigger": choice("auto", "patch", "perturbation", "both"),
-    "threshold": real(above=0, optional=True),  # an anomaly index: flagged above it
+    "threshold": real(low=0, optional=True),  # an anomaly index: flagged above it (0: above the median)
     "statistic": choice("log", "linear"),
     "re_steps": COUNT,
     "re_batch_size": COUNT,
