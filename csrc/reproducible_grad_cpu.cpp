@@ -1,4 +1,4 @@
-// Weight and bias gradients of Conv2d and Linear that do not depend on the thread count.
+// Weight and bias gradients of Conv2d and Linear, and Linear's products, that do not depend on the thread count.
 //
 // torch's CPU kernels (oneDNN for convolutions, MKL for matrix products) split the reduction over the
 // batch between threads, so a weight gradient changes in its last bits with torch.set_num_threads, and
@@ -10,6 +10,7 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <exception>
 #include <mutex>
 #include <vector>
@@ -17,10 +18,15 @@
 namespace pydefend {
 namespace {
 
+// MKL's own per-thread thread count (weak: a torch built without MKL lacks it). Inside a parallel region MKL
+// would otherwise pick other kernels than with one thread set for the whole process, rounding differently.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 // f(c) for every chunk, each on one thread. The chunks run inside an active OpenMP team even when there is
 // only one of them, so the kernels they call see a parallel region and run sequentially, and each task asks
-// for one thread, so oneDNN builds its kernels for one (built for the team, they would wait on a barrier
-// for threads that never come). With one torch thread everything is sequential anyway.
+// for one thread (OpenMP's and MKL's), so oneDNN builds its kernels for one (built for the team, they would
+// wait on a barrier for threads that never come) and MKL takes the path it takes with one torch thread.
+// With one torch thread everything is sequential anyway.
 template <typename F>
 void for_each_chunk_single_threaded(int64_t chunks, const F& f) {
   const int threads = at::get_num_threads();
@@ -33,12 +39,14 @@ void for_each_chunk_single_threaded(int64_t chunks, const F& f) {
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
   for (int64_t c = 0; c < chunks; ++c) {
     omp_set_num_threads(1);
+    const int mkl_before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     try {
       f(c);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
     }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_before);  // 0: the process-wide count again
   }
   if (error) std::rethrow_exception(error);
 }
@@ -103,6 +111,30 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   return sum_in_order(weights, biases, bias);
 }
 
+// input (R, K) · other (K, N) (+ bias (N,)), each block of `chunk` rows computed by one thread: MKL splits the
+// inner dimension between threads on some CPUs, so a Linear's output (and its input gradient) would change in
+// its last bits with the thread count.
+at::Tensor rows_matmul_cpu(const at::Tensor& input, const at::Tensor& other, const std::optional<at::Tensor>& bias,
+                           int64_t chunk) {
+  TORCH_CHECK(input.dim() == 2 && other.dim() == 2 && input.size(1) == other.size(0),
+              "rows_matmul: expects input (R, K) and other (K, N), got ", input.sizes(), " and ", other.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == other.size(1)),
+              "rows_matmul: bias must have shape (", other.size(1), "), got ", bias->sizes());
+  const int64_t rows = input.size(0), chunks = chunk_count(rows, chunk, "rows_matmul");
+  at::Tensor out = at::empty({rows, other.size(1)}, input.options());
+  for_each_chunk_single_threaded(chunks, [&](int64_t c) {
+    const int64_t start = c * chunk, length = std::min(chunk, rows - start);
+    if (length <= 0) return;
+    at::Tensor block = out.narrow(0, start, length);
+    if (bias.has_value()) {
+      at::addmm_out(block, *bias, input.narrow(0, start, length), other);
+    } else {
+      at::mm_out(block, input.narrow(0, start, length), other);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace pydefend
 
@@ -111,9 +143,11 @@ TORCH_LIBRARY_FRAGMENT(pydefend_native, m) {
       "conv2d_weight_grad(Tensor grad_out, Tensor input, Tensor weight, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool bias, int chunk) -> (Tensor grad_weight, Tensor grad_bias)");
   m.def("linear_weight_grad(Tensor grad_out, Tensor input, bool bias, int chunk) -> (Tensor grad_weight, Tensor grad_bias)");
+  m.def("rows_matmul(Tensor input, Tensor other, Tensor? bias, int chunk) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pydefend_native, CPU, m) {
   m.impl("conv2d_weight_grad", &pydefend::conv2d_weight_grad_cpu);
   m.impl("linear_weight_grad", &pydefend::linear_weight_grad_cpu);
+  m.impl("rows_matmul", &pydefend::rows_matmul_cpu);
 }

@@ -4,8 +4,10 @@ torch's CPU kernels split the batch reduction of a Conv2d or Linear weight gradi
 bits change with ``torch.set_num_threads``, and many steps of fine-tuning turn those bits into another model.
 Inside ``thread_count_independent(model)`` every Conv2d and Linear of the model computes its weight and bias
 gradients on CPU tensors with ``pydefend_native.conv2d_weight_grad`` / ``linear_weight_grad``: fixed chunks of
-the batch, each reduced by one thread, added in order. Forward passes, input gradients and every other op in
-these models were checked to be thread-count independent already. Results still differ between CPU kernels
+the batch, each reduced by one thread, added in order. A Linear's output and input gradient come from
+``rows_matmul``, whose row chunks are each one thread's too: on Intel CPUs MKL splits a matrix product's inner
+dimension between threads. Every other op in these models was checked to be thread-count independent on AMD
+(AVX2) and Intel (AVX-512) CPUs. Results still differ between CPU kernels
 (``ATEN_CPU_CAPABILITY``), which round transcendental functions and fused multiply-adds differently.
 """
 from __future__ import annotations
@@ -47,12 +49,19 @@ class _Conv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None, None
 
 
+def _rows_matmul(x: torch.Tensor, other: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (..., K) @ other (K, N) (+ bias), in fixed row chunks of one thread each."""
+    out = torch.ops.pydefend_native.rows_matmul(x.detach().reshape(-1, x.shape[-1]), other.detach(),
+                                                None if bias is None else bias.detach(), LINEAR_CHUNK)
+    return out.view(*x.shape[:-1], other.shape[1])
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        return _rows_matmul(x, weight.t(), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -60,7 +69,7 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(weight)
+            grad_x = _rows_matmul(grad, weight)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_w, grad_b = torch.ops.pydefend_native.linear_weight_grad(
                 grad.reshape(-1, grad.shape[-1]), x.detach().reshape(-1, x.shape[-1]), ctx.has_bias, LINEAR_CHUNK)
