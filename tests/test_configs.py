@@ -226,7 +226,7 @@ def test_cross_field_rule():
     (UNITConfig, ["steps=" + "9" * 10_000], None, r"bad value for steps"),
     (UNITConfig, ["steps=" + "9" * 10_000, "x" * 10_000], None, r"bad value for steps"),
     (UNITConfig, ["x" * 10_000], None, r"bad setting"),
-    (BNAConfig, ["threshold=NaN"], None, r"BNAConfig\.threshold must be None or a finite number > 0, got nan"),
+    (BNAConfig, ["threshold=NaN"], None, r"BNAConfig\.threshold must be None or a finite number >= 0, got nan"),
     (BNAConfig, [], "official", r"BNAConfig has no preset 'official' \(it declares none\)"),
     (UniBPConfig, ["k=true"], None, r"UniBPConfig\.k must be None or an integer >= 0, got True"),
     (UniBPConfig, ["k=2.5"], None, r"UniBPConfig\.k must be"),

@@ -156,13 +156,13 @@ def _reference_linear(grad, x):
     fb = torch.zeros((o,), dtype=acc, device=x.device)
     item = torch.finfo(acc).bits // 8
     if l == 1:  # (dy∘dy)^T (x∘x): one GEMM per chunk of rows
-        rows = max(1, WORKSPACE_BYTES // (item * (o + i)))
+        rows = max(1, WORKSPACE_BYTES // (item * max(1, o + i)))  # max: layers without features
         for r0 in range(0, n, rows):
             g = grad[r0:r0 + rows, 0].to(acc).square()
             fw.addmm_(g.t(), x[r0:r0 + rows, 0].to(acc).square())
             fb += g.sum(0)
         return fw, fb
-    chunk = max(1, WORKSPACE_BYTES // (item * (o * i + l * (o + i))))
+    chunk = max(1, WORKSPACE_BYTES // (item * max(1, o * i + l * (o + i))))
     for n0 in range(0, n, chunk):
         g = grad[n0:n0 + chunk].to(acc)
         per_sample = torch.bmm(g.transpose(1, 2), x[n0:n0 + chunk].to(acc))  # (chunk, O, I)
@@ -245,7 +245,7 @@ def _check_conv(grad, x, kernel_size, stride, padding, dilation, groups):
 def _conv_chunk(c, o, kk, hw, groups, item) -> int:
     """Samples per chunk: unfolded patches (C*k*k*HW') + per-sample gradients (O*C/G*k*k) within the budget."""
     per_sample = c * kk * hw + o * (c // groups) * kk
-    return max(1, WORKSPACE_BYTES // (item * per_sample))
+    return max(1, WORKSPACE_BYTES // (item * max(1, per_sample)))  # max: convolutions without channels
 
 
 @torch.library.register_fake("pydefend::diag_fisher_conv2d")
@@ -268,7 +268,8 @@ def _reference_conv(grad, x, kernel_size, stride, padding, dilation, groups):
     for n0 in range(0, n, chunk):
         xs, g = x[n0:n0 + chunk].to(acc), grad[n0:n0 + chunk].to(acc)
         m = xs.shape[0]
-        cols = F.unfold(xs, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (m, C*kk, HW')
+        cols = (F.unfold(xs, kernel_size, dilation=dilation, padding=padding, stride=stride) if c  # (m, C*kk, HW')
+                else xs.new_zeros(m, 0, hw))  # unfold refuses inputs without channels
         cols = cols.view(m * groups, (c // groups) * kk, hw)
         gg = g.reshape(m * groups, o // groups, hw)
         per_sample = torch.bmm(gg, cols.transpose(1, 2))  # (m*G, O/G, C/G*kk)

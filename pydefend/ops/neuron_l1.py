@@ -86,7 +86,9 @@ def _reference_forward(a, b):
         if x.numel() == 0:
             out.append(torch.zeros(_rows(x), dtype=torch.float32, device=x.device))
             continue
-        out.append((x.to(acc) - y.to(acc)).abs().reshape(_rows(x), -1).sum(1).to(torch.float32))
+        # contiguous first: the sum's order, hence its bits, then depends on the shape only
+        out.append((x.contiguous().to(acc) - y.contiguous().to(acc)).abs().reshape(_rows(x), -1).sum(1)
+                   .to(torch.float32))
     return out
 
 
@@ -239,10 +241,11 @@ def _row_blocks(rows: torch.Tensor, cols: int):
 
 
 def _abs_diff_keys(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """|a - b| of the given rows as fp32, (len(rows), cols); its int32 view orders like the values (all >= 0)."""
+    """|a - b| of the given rows as fp32, (len(rows), cols); its int32 view orders like the values (all >= 0),
+    every NaN made the one positive quiet NaN, so that NaNs tie above +inf whatever their payload."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    return (a.index_select(0, rows).to(acc) - b.index_select(0, rows).to(acc)).abs_().to(torch.float32).reshape(
-        rows.numel(), -1)
+    diff = (a.index_select(0, rows).to(acc) - b.index_select(0, rows).to(acc)).abs_().to(torch.float32)
+    return diff.masked_fill_(diff.isnan(), float("nan")).reshape(rows.numel(), -1)
 
 
 def _zero_rows(weight: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor):

@@ -34,7 +34,7 @@ the window's edges, grad_low[c] = -Σ grad_z over channel c, reduced in a fixed
 order (no float atomics). It is the derivative of the unrounded function.
 
 Edge cases: z = ±inf lands in the last/first bin with zero gradient. A NaN in
-z makes its channel's row NaN (bins < M_c; what the dense formula gives) and
+z makes its channel's row NaN (bins < M_c, a single bin too) and
 its own gradient NaN. low must be finite; width > 0 and tau > 0 finite in the
 dtype the op computes in (float32 unless z is float64: tau = 1e39 is inf
 there), every edge low + i·Δb finite in it too, num_bins in [1, 2^24] with
@@ -50,8 +50,11 @@ f_divergence(p, q, kind, eps) reduces the last dim: "tv" = ½Σ|p - q|,
 "kl" = Σ p·log((p + ε)/(q + ε)), "js" = ½KL(p‖m) + ½KL(q‖m), m = (p + q)/2
 with the same ε. Empty bins: 0·log(anything) = 0, and ε (default 1e-10) in
 both numerator and denominator keeps every value and gradient finite when
-q = 0 < p, and keeps KL(p‖p) = 0 exactly. Entries past a channel's last bin
-are 0 in both histograms and contribute 0, so no mask is needed.
+q = 0 < p, and keeps KL(p‖p) = 0 exactly. Half-precision p and q are computed
+in float32 and the results rounded once, so ε survives; a KL gradient
+p/(q + ε) beyond float16's range (65504) is then ±inf, as the dtype holds it.
+Entries past a channel's last bin are 0 in both histograms and contribute 0,
+so no mask is needed.
 """
 from __future__ import annotations
 
@@ -198,13 +201,13 @@ def _check(z, low, width, num_bins, tau, channel_dim) -> tuple[int, list[int]]:
     _check_scalar("tau", tau, low.dtype)
     if tau * width < 1e-30:
         raise ValueError(f"soft_histogram: tau * width = {tau * width} is too small to resolve any bin")
+    if z.numel() == 0:
+        raise ValueError("soft_histogram: z has no elements per channel (the histogram is a mean)")
     bins = _bins_list(num_bins, C)
     most = max(bins)
     if C * most > _MAX_ENTRIES:
         raise ValueError(f"soft_histogram: num_bins gives channel {bins.index(most)} {most} bins, so the histogram "
                          f"would have {C} x {most} entries (> 2^26); use fewer bins")
-    if z.numel() == 0:
-        raise ValueError("soft_histogram: z has no elements per channel (the histogram is a mean)")
     if z.numel() // C > _MAX_PER_CHANNEL:
         raise ValueError(f"soft_histogram: {z.numel() // C} elements per channel; at most 2^31 - 1 are supported")
     return cd, bins
@@ -245,7 +248,14 @@ def soft_histogram_reference(z: torch.Tensor, low: torch.Tensor, width: float, n
     real = i[None, :] < torch.tensor(bins, device=z.device)[:, None]
     s = torch.where(real[:, None, :], s, torch.zeros_like(s))
     s = _pad_edges(s)
-    return (s[..., :-1] - s[..., 1:]).mean(1)
+    hist = (s[..., :-1] - s[..., 1:]).mean(1)
+    return _nan_channels(hist, zc.isnan().any(1), torch.tensor(bins, device=z.device))
+
+
+def _nan_channels(hist, has_nan, num_bins):
+    """A channel holding a NaN is NaN in its bins, a single bin too (where no edge, hence no sigmoid, sees it)."""
+    k = torch.arange(hist.shape[1], device=hist.device)
+    return torch.where(has_nan[:, None] & (k < num_bins[:, None]), torch.nan, hist)
 
 
 def _pad_edges(s):
@@ -267,7 +277,7 @@ def _reference_forward(z, low, num_bins, inner, max_bins, width, tau, edges, rea
         s = torch.where(real, s, torch.zeros_like(s))
         s = _pad_edges(s)
         hist += (s[..., :-1] - s[..., 1:]).sum(1)
-    return hist / (zv.shape[0] * inner)
+    return _nan_channels(hist / (zv.shape[0] * inner), zv.isnan().any(0).any(-1), num_bins)
 
 
 def _reference_backward(grad, z, low, num_bins, inner, width, tau, edges, reach):
@@ -442,7 +452,9 @@ def _div_fake(p, q, kind, eps):
 
 def _div_device(p, q, kind, eps):
     _check_divergence(p, q, kind, eps)
-    return f_divergence_reference(p, q, kind, eps)
+    # Half types compute in float32: there eps = 1e-10 would round away and an empty bin give 0·log 0 = NaN.
+    acc = _acc_dtype(p.dtype)
+    return f_divergence_reference(p.to(acc), q.to(acc), kind, eps).to(p.dtype)
 
 
 @torch.library.register_fake("pydefend::f_divergence_bwd")
@@ -455,6 +467,12 @@ def _dlog(a, eps):  # d/da of a·log(a + ε)
 
 
 def _div_bwd_device(grad, p, q, kind, eps):
+    acc = _acc_dtype(p.dtype)
+    gp, gq = _div_bwd_acc(grad.to(acc), p.to(acc), q.to(acc), kind, eps)
+    return gp.to(p.dtype), gq.to(q.dtype)
+
+
+def _div_bwd_acc(grad, p, q, kind, eps):
     g = grad.unsqueeze(-1)
     if kind == "tv":
         gp = 0.5 * torch.sign(p - q) * g
