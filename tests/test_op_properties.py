@@ -781,3 +781,10 @@ def test_found_nan_single_bin():
     with use_backend("reference"):
         reference = soft_histogram(z, torch.zeros(1), 0.1, 1)
     torch.testing.assert_close(cpp, reference, equal_nan=True)
+
+
+def test_found_kl_gradient_underflow():
+    """grad_q = -g·p/(q + ε): formed as (g·p)/ε, a denormal g underflowed to 0 before the division."""
+    q = torch.zeros(1, 2, requires_grad=True)
+    f_divergence(torch.full((1, 2), 0.5), q, "kl").backward(torch.tensor([1.4e-45]))
+    torch.testing.assert_close(q.grad.double(), torch.full((1, 2), -1.4e-45 * 0.5 / 1e-10, dtype=F64), rtol=1e-2, atol=0)

@@ -478,7 +478,7 @@ def _div_bwd_acc(grad, p, q, kind, eps):
         gp = 0.5 * torch.sign(p - q) * g
         return gp, -gp
     if kind == "kl":
-        return g * (_dlog(p, eps) - torch.log(q + eps)), -g * p / (q + eps)
+        return g * (_dlog(p, eps) - torch.log(q + eps)), -g * (p / (q + eps))  # ratio first: g·p may underflow
     dm = _dlog(0.5 * (p + q), eps)
     return 0.5 * g * (_dlog(p, eps) - dm), 0.5 * g * (_dlog(q, eps) - dm)
 
